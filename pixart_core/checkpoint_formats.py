@@ -1,0 +1,302 @@
+"""Reading checkpoint files into state dicts, and renaming every released key layout into the original one.
+
+Files: original `.pth` (`{'state_dict': ...}` or flat, opened with weights_only=True), single `.safetensors` (original or
+diffusers layout), and diffusers folders (config.json + safetensors, sharded or not, fp16 variants; a pipeline root with
+a transformer/ subfolder works too). Anything that is not a file we can read safely is refused with a PixArtError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import PixArtError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+# Prefixes some tools put in front of the original keys.
+_STRIP_PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.", "net.")
+
+
+class StateDictSource:
+    """Lazy access to the tensors of one checkpoint: keys and shapes without reading data (safetensors), then
+    one tensor at a time, so a loader never holds the file twice."""
+
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None,
+                 files: list[Path] | None = None, config: dict | None = None):
+        self.path = Path(path)
+        self._tensors = tensors  # pickled checkpoints arrive whole (memory-mapped where the format allows)
+        self._files = files or []  # safetensors files, read lazily
+        self._index: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.config = config  # diffusers config.json, when there is one
+        if tensors is not None:
+            self._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            self._dtypes = {k: v.dtype for k, v in tensors.items()}
+        for f in self._files:
+            for key, shape, dtype in _safetensors_header(f):
+                self._index[key] = f
+                self._shapes[key] = shape
+                self._dtypes[key] = dtype
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return dict(self._dtypes)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self._index[key]), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # a corrupt tensor body shows up only here
+            raise PixArtError(f"Could not read '{key}' from {self._index[key].name}: the file is damaged ({e}). "
+                              "Download it again.") from e
+
+    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield tensors file by file with one open handle each (fast), in the requested key order per file."""
+        wanted = list(self._shapes) if keys is None else keys
+        if self._tensors is not None:
+            for k in wanted:
+                yield k, self._tensors[k]
+            return
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in wanted:
+            by_file.setdefault(self._index[k], []).append(k)
+        for f, ks in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    for k in ks:
+                        yield k, handle.get_tensor(k)
+            except PixArtError:
+                raise
+            except Exception as e:
+                raise PixArtError(f"Could not read {f.name}: the file is damaged or truncated ({e}). "
+                                  "Download it again.") from e
+
+
+def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Keys, shapes and dtypes from a safetensors header, checked against the file size (truncation shows here)."""
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > min(size - 8, 100 * 2**20):
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        out = []
+        end = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            out.append((key, tuple(info["shape"]), dtypes.get(info["dtype"], torch.float32)))
+            end = max(end, info["data_offsets"][1])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise PixArtError(f"{path.name} is not a valid safetensors file ({e}). It may be damaged or a different "
+                          "format renamed; download it again.") from e
+    if 8 + n + end > size:
+        raise PixArtError(f"{path.name} is truncated: the header promises {8 + n + end} bytes but the file has {size}. "
+                          "The download was probably interrupted; download it again.")
+    return out
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e).lower() and "zip" not in str(e).lower():
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise PixArtError(
+            f"Refused to open {path.name}: it contains pickled objects other than tensors, which could run code on "
+            "this machine. Use the .safetensors release of this model, or convert the file in a trusted environment."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise PixArtError(f"Could not read {path.name} as a PyTorch checkpoint ({e}). It may be damaged or truncated; "
+                          "download it again.") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PixArtError(f"{path.name} holds no state dict of tensors; it is not a model checkpoint.")
+    return obj
+
+
+def _diffusers_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a diffusers model folder: sharded index, plain, or fp16 variant."""
+    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+                       "diffusion_pytorch_model.fp16.safetensors.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise PixArtError(f"{folder} is missing shards {missing} listed in {index_name}; download them too.")
+            return [folder / s for s in shards]
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.safetensors", "diffusion_pytorch_model.bf16.safetensors"):
+        if (folder / name).is_file():
+            return [folder / name]
+    found = sorted(p for p in folder.glob("*.safetensors"))
+    return found[:1] if len(found) == 1 else []
+
+
+def open_checkpoint(path: str | os.PathLike) -> StateDictSource:
+    """Open a file or folder in any supported layout; nothing is converted yet."""
+    path = Path(path)
+    try:
+        path = path.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError) as e:  # RuntimeError: symlink loop
+        raise PixArtError(f"Model path {path} does not exist or is a broken link ({e}).") from e
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        files = _diffusers_weight_files(folder)
+        if not files:
+            pth = sorted(folder.glob("*.pth"))
+            if len(pth) == 1:
+                return open_checkpoint(pth[0])
+            raise PixArtError(f"The folder {folder} contains no model weights (expected diffusion_pytorch_model"
+                              ".safetensors, a sharded index, or one .safetensors/.pth file).")
+        config = None
+        if (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text())
+        return StateDictSource(path, files=files, config=config)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        config_file = path.with_name("config.json")
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        return StateDictSource(path, files=[path], config=config)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return StateDictSource(path, tensors=_load_pickle(path))
+    raise PixArtError(f"{path.name}: unsupported file type '{path.suffix}'. Use .safetensors, .pth or a diffusers folder.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+_DIFFUSERS_SIMPLE = [
+    (r"^pos_embed\.proj\.", "x_embedder.proj."),
+    (r"^caption_projection\.linear_1\.", "y_embedder.y_proj.fc1."),
+    (r"^caption_projection\.linear_2\.", "y_embedder.y_proj.fc2."),
+    (r"^adaln_single\.emb\.timestep_embedder\.linear_1\.", "t_embedder.mlp.0."),
+    (r"^adaln_single\.emb\.timestep_embedder\.linear_2\.", "t_embedder.mlp.2."),
+    (r"^adaln_single\.emb\.resolution_embedder\.linear_1\.", "csize_embedder.mlp.0."),
+    (r"^adaln_single\.emb\.resolution_embedder\.linear_2\.", "csize_embedder.mlp.2."),
+    (r"^adaln_single\.emb\.aspect_ratio_embedder\.linear_1\.", "ar_embedder.mlp.0."),
+    (r"^adaln_single\.emb\.aspect_ratio_embedder\.linear_2\.", "ar_embedder.mlp.2."),
+    (r"^adaln_single\.linear\.", "t_block.1."),
+    (r"^proj_out\.", "final_layer.linear."),
+    (r"^scale_shift_table$", "final_layer.scale_shift_table"),
+]
+_DIFFUSERS_BLOCK = [
+    (r"scale_shift_table$", "scale_shift_table"),
+    (r"attn1\.to_out\.0\.", "attn.proj."),
+    (r"attn2\.to_q\.", "cross_attn.q_linear."),
+    (r"attn2\.to_out\.0\.", "cross_attn.proj."),
+    (r"ff\.net\.0\.proj\.", "mlp.fc1."),
+    (r"ff\.net\.2\.", "mlp.fc2."),
+    (r"attn1\.norm_q\.", "attn.q_norm."),
+    (r"attn1\.norm_k\.", "attn.k_norm."),
+]
+# Diffusers splits the fused projections of the original: attn.qkv = [to_q; to_k; to_v], kv_linear = [to_k; to_v].
+_FUSED = {
+    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
+}
+
+
+def is_diffusers_layout(keys) -> bool:
+    return any(k.startswith(("transformer_blocks.", "adaln_single.", "caption_projection.")) for k in keys)
+
+
+def strip_prefix(keys: list[str]) -> str:
+    """The common wrapper prefix in front of the original keys ('' when none)."""
+    for prefix in _STRIP_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+def block_key_plan(block_prefix_in: str, block_prefix_out: str, keys: set[str]) -> dict[str, list[str]]:
+    """Within one diffusers block: original key -> the diffusers keys it is made of (fused ones concatenated)."""
+    plan: dict[str, list[str]] = {}
+    rest = {k[len(block_prefix_in):] for k in keys if k.startswith(block_prefix_in)}
+    for fused, parts in _FUSED.items():
+        for suffix in ("weight", "bias"):
+            src = [f"{p}.{suffix}" for p in parts]
+            if all(s in rest for s in src):
+                plan[f"{block_prefix_out}{fused}.{suffix}"] = [block_prefix_in + s for s in src]
+                rest -= set(src)
+    for k in sorted(rest):
+        new = k
+        for pattern, repl in _DIFFUSERS_BLOCK:
+            if re.search(pattern, new):
+                new = re.sub(pattern, repl, new)
+                break
+        plan[block_prefix_out + new] = [block_prefix_in + k]
+    return plan
+
+
+def diffusers_to_original_plan(keys: list[str]) -> dict[str, list[str]]:
+    """Original key -> list of diffusers keys (one, or several to concatenate along dim 0)."""
+    keyset = set(keys)
+    plan: dict[str, list[str]] = {}
+    blocks = sorted({int(m.group(1)) for k in keys if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
+    for i in blocks:
+        plan.update(block_key_plan(f"transformer_blocks.{i}.", f"blocks.{i}.", keyset))
+    for k in keys:
+        if k.startswith("transformer_blocks."):
+            continue
+        new = k
+        for pattern, repl in _DIFFUSERS_SIMPLE:
+            if re.search(pattern, new):
+                new = re.sub(pattern, repl, new)
+                break
+        plan[new] = [k]
+    return plan
+
+
+def original_plan(keys: list[str], prefix: str = "") -> dict[str, list[str]]:
+    """Original layout under a prefix: original key -> [file key]."""
+    return {k[len(prefix):]: [k] for k in keys if k.startswith(prefix)}
+
+
+def materialise(source: StateDictSource, plan: dict[str, list[str]], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Read the planned tensors (fused ones concatenated), each cast to dtype as it arrives."""
+    needed = [k for parts in plan.values() for k in parts]
+    pending: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    wanted_by = {part: name for name, parts in plan.items() for part in parts}
+    for key, tensor in source.iter_tensors(needed):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        name = wanted_by[key]
+        parts = plan[name]
+        if len(parts) == 1:
+            out[name] = tensor
+            continue
+        pending[key] = tensor
+        if all(p in pending for p in parts):
+            out[name] = torch.cat([pending.pop(p) for p in parts], dim=0)
+    return out

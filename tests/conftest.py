@@ -1,0 +1,16 @@
+"""Test setup: the repository root on sys.path (so `pixart_core`, `nodes` and `tests.factories` import), and no hub."""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests never touch the network: any accidental hub call fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+SHARED_T5 = ROOT.parent / "shared" / "data" / "t5-v1_1-xxl"
