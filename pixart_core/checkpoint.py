@@ -181,6 +181,8 @@ def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides:
 
     # Heads: not in the weights. config.json says it; else the XL-2 head width (72), else an override.
     heads = overrides.pop("num_heads", None) or file_config.get("num_attention_heads")
+    if heads is None and hidden == 1152:
+        heads = 16  # every released PixArt (XL-2, the 900M community models, ControlNet bases)
     if heads is None:
         if hidden % 72 == 0:
             heads = hidden // 72

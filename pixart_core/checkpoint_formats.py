@@ -37,15 +37,17 @@ class StateDictSource:
         self._index: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
         self.config = config  # diffusers config.json, when there is one
         if tensors is not None:
             self._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
             self._dtypes = {k: v.dtype for k, v in tensors.items()}
         for f in self._files:
-            for key, shape, dtype in _safetensors_header(f):
+            for key, shape, dtype, offsets in _safetensors_header(f):
                 self._index[key] = f
                 self._shapes[key] = shape
                 self._dtypes[key] = dtype
+                self._offsets[key] = offsets
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
@@ -54,43 +56,62 @@ class StateDictSource:
         return dict(self._dtypes)
 
     def get(self, key: str) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[key]
-        from safetensors import safe_open
+        return next(self.iter_tensors([key]))[1]
 
-        try:
-            with safe_open(str(self._index[key]), framework="pt") as f:
-                return f.get_tensor(key)
-        except Exception as e:  # a corrupt tensor body shows up only here
-            raise PixArtError(f"Could not read '{key}' from {self._index[key].name}: the file is damaged ({e}). "
-                              "Download it again.") from e
-
-    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield tensors file by file with one open handle each (fast), in the requested key order per file."""
+    def iter_tensors(self, keys: list[str] | None = None,
+                     dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield tensors one at a time, floating ones cast to dtype. Safetensors data is read straight from the file
+        into the tensor that is kept (a cast goes through a small reused staging buffer), so a loader holds one
+        copy of the weights and nothing more."""
         wanted = list(self._shapes) if keys is None else keys
         if self._tensors is not None:
             for k in wanted:
-                yield k, self._tensors[k]
+                t = self._tensors[k]
+                yield k, t.to(dtype) if dtype is not None and t.is_floating_point() else t
             return
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for k in wanted:
             by_file.setdefault(self._index[k], []).append(k)
-        for f, ks in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt") as handle:
-                    for k in ks:
-                        yield k, handle.get_tensor(k)
-            except PixArtError:
-                raise
-            except Exception as e:
-                raise PixArtError(f"Could not read {f.name}: the file is damaged or truncated ({e}). "
-                                  "Download it again.") from e
+        staging = torch.empty(0, dtype=torch.uint8)
+        for path, ks in by_file.items():
+            ks.sort(key=lambda k: self._offsets[k][0])  # sequential reads
+            with open(path, "rb") as f:
+                for k in ks:
+                    src = self._dtypes[k]
+                    dst = dtype if dtype is not None and src.is_floating_point else src
+                    out = torch.empty(self._shapes[k], dtype=dst)
+                    start, end = self._offsets[k]
+                    f.seek(start)
+                    if dst == src:
+                        _read_exact(f, out.view(-1).view(torch.uint8), path, k)
+                    else:
+                        staging = _read_cast(f, end - start, src, out.view(-1), staging, path, k)
+                    yield k, out
 
 
-def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Keys, shapes and dtypes from a safetensors header, checked against the file size (truncation shows here)."""
+def _read_exact(f, dest: torch.Tensor, path: Path, key: str) -> None:
+    if dest.numel() and f.readinto(memoryview(dest.numpy())) != dest.numel():
+        raise PixArtError(f"{path.name} is truncated while reading '{key}'. Download it again.")
+
+
+def _read_cast(f, nbytes: int, src: torch.dtype, dest: torch.Tensor, staging: torch.Tensor, path: Path,
+               key: str, chunk: int = 2**20) -> torch.Tensor:
+    """Read nbytes of src-typed data in chunks and cast each into dest; returns the (reusable) staging buffer."""
+    item = torch.empty(0, dtype=src).element_size()
+    if staging.numel() < min(chunk, nbytes):
+        staging = torch.empty(min(chunk, nbytes), dtype=torch.uint8)
+    done = 0
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        _read_exact(f, staging[:n], path, key)
+        dest[done // item: (done + n) // item] = staging[:n].view(src)
+        done += n
+    return staging
+
+
+def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype, tuple[int, int]]]:
+    """Keys, shapes, dtypes and byte ranges from a safetensors header, checked against the file size (truncation
+    shows here, before anything is read)."""
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -106,8 +127,11 @@ def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dt
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            out.append((key, tuple(info["shape"]), dtypes.get(info["dtype"], torch.float32)))
-            end = max(end, info["data_offsets"][1])
+            if info["dtype"] not in dtypes:
+                raise ValueError(f"unsupported dtype {info['dtype']} for {key}")
+            a, b = info["data_offsets"]
+            out.append((key, tuple(info["shape"]), dtypes[info["dtype"]], (8 + n + a, 8 + n + b)))
+            end = max(end, b)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise PixArtError(f"{path.name} is not a valid safetensors file ({e}). It may be damaged or a different "
                           "format renamed; download it again.") from e
@@ -283,20 +307,26 @@ def original_plan(keys: list[str], prefix: str = "") -> dict[str, list[str]]:
 
 
 def materialise(source: StateDictSource, plan: dict[str, list[str]], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Read the planned tensors (fused ones concatenated), each cast to dtype as it arrives."""
-    needed = [k for parts in plan.values() for k in parts]
-    pending: dict[str, torch.Tensor] = {}
+    """Read the planned tensors, each cast to dtype as it arrives; fused ones are written into their place in a
+    preallocated tensor, so no part is held twice."""
+    shapes = source.shapes()
     out: dict[str, torch.Tensor] = {}
-    wanted_by = {part: name for name, parts in plan.items() for part in parts}
-    for key, tensor in source.iter_tensors(needed):
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        name = wanted_by[key]
-        parts = plan[name]
-        if len(parts) == 1:
-            out[name] = tensor
+    owner = {parts[0]: name for name, parts in plan.items() if len(parts) == 1}
+    slot: dict[str, tuple[str, int]] = {}  # file key -> (model key, first row) for fused tensors
+    for name, parts in plan.items():
+        if len(parts) > 1:
+            row = 0
+            for part in parts:
+                slot[part] = (name, row)
+                row += shapes[part][0]
+    for key, tensor in source.iter_tensors([k for parts in plan.values() for k in parts], dtype):
+        if key not in slot:
+            out[owner[key]] = tensor
             continue
-        pending[key] = tensor
-        if all(p in pending for p in parts):
-            out[name] = torch.cat([pending.pop(p) for p in parts], dim=0)
+        name, row = slot[key]
+        if name not in out:
+            total = sum(shapes[p][0] for p in plan[name])
+            out[name] = torch.empty((total, *tensor.shape[1:]), dtype=tensor.dtype)
+        out[name][row: row + tensor.shape[0]] = tensor
     return out
+
