@@ -391,11 +391,14 @@ class PixArtTransformer(nn.Module):
 
     @staticmethod
     def _control_residuals(controls, h, t0, text, grid_hw) -> list[torch.Tensor] | None:
-        total: list[torch.Tensor] | None = None
+        total: list[torch.Tensor] = []
         for control in controls:
-            res = list(control(h, t0, text, grid_hw))
-            total = res if total is None else [a + b for a, b in zip(total, res, strict=True)]
-        return total
+            for k, r in enumerate(control(h, t0, text, grid_hw)):  # ControlNets may have different copy counts
+                if k < len(total):
+                    total[k] = total[k] + r
+                else:
+                    total.append(r)
+        return total or None
 
     def unpatchify(self, h: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         c = self.config

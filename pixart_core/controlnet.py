@@ -1,0 +1,484 @@
+"""PixArt-δ ControlNet-Transformer: the model, loading it from both released layouts, and applying it with a strength
+and a start/end range of the schedule (pixart-reference.md §5).
+
+How it works (α repo `diffusion/model/nets/pixart_controlnet.py`, "ControlNet-Half"):
+- The control image's VAE latent (x scale factor) is embedded by the FROZEN BASE patch embedder plus the base position
+  embedding: there is no separate hint encoder.
+- Copies 0..N-1 (N = 13 in the released files) of the first base blocks run beside the base: copy 0 takes
+  `x + before_proj(hint)` where x is the base tokens after block 0, copy k takes copy k-1's output. The output of copy k
+  goes through `after_proj` and is added to the INPUT of base block k+1.
+- Because copy k depends only on x after base block 0 and on copy k-1, all residuals are computed right after base
+  block 0; PixArtTransformer.forward(controls=[...]) calls a bound ControlHint there.
+
+Key layouts accepted:
+- original (`PixArt-XL-2-{512,1024}-ControlNet.pth`): `base_model.*` + `controlnet.{i}.copied_block.*`,
+  `controlnet.0.before_proj.*`, `controlnet.{i}.after_proj.*`. The module names below equal these keys, so a
+  PixArtControlNet's state_dict is the original layout.
+- diffusers research project (`PixArtControlNetAdapterModel`): `controlnet_blocks.{i}.before_proj / transformer_block
+  (BasicTransformerBlock keys) / after_proj`, renamed with the same block plan as the diffusers transformer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import BASE_PREFIX, detect, load_transformer
+from .checkpoint_formats import StateDictSource, block_key_plan, materialise, open_checkpoint
+from .config import ALPHA, LATENT_SCALE, SIGMA
+from .errors import PixArtError
+from .hed import HEDDetector, image_to_bchw
+from .transformer import PixArtBlock, PixArtTransformer, TextConditioning
+
+ORIGINAL_PREFIX = "controlnet."
+DIFFUSERS_BLOCKS = "controlnet_blocks."
+
+_FAMILY_NAMES = {ALPHA: "PixArt-α", SIGMA: "PixArt-Σ"}
+_VAE_NAMES = {ALPHA: "SD VAE (sd-vae-ft-ema)", SIGMA: "SDXL VAE"}
+
+
+@dataclass
+class ControlNetInfo:
+    """The shape of a ControlNet and what it was trained with. Facts the file does not carry are listed in `assumed`."""
+
+    num_copies: int
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    family: str = ALPHA  # latent space of the hints: α = SD VAE latents, Σ = SDXL VAE latents
+    text_len: int | None = None  # known only when the file also holds the base model
+    caption_channels: int | None = None
+    sample_size: int | None = None
+    layout: str = "original"  # "original" | "controlnet-combined" | "diffusers"
+    assumed: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "num_copies": self.num_copies,
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "family": self.family,
+            "latent_scale": LATENT_SCALE[self.family],
+            "text_len": self.text_len,
+            "caption_channels": self.caption_channels,
+            "resolution": self.sample_size * 8 if self.sample_size else None,
+            "layout": self.layout,
+            "assumed": list(self.assumed),
+        }
+
+
+class ControlCopy(nn.Module):
+    """One trainable copy of a base block with its zero-initialised projections (ControlT2IDitBlockHalf)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool, first: bool):
+        super().__init__()
+        self.copied_block = PixArtBlock(dim, heads, mlp_ratio, qk_norm=qk_norm)
+        self.before_proj = nn.Linear(dim, dim) if first else None  # only copy 0 sees the hint
+        self.after_proj = nn.Linear(dim, dim)
+
+
+class PixArtControlNet(nn.Module):
+    """The ControlNet-Transformer weights. Apply it through `bind(base, hint_latent, ...)`, which returns the callable
+    PixArtTransformer.forward takes in `controls`."""
+
+    def __init__(self, info: ControlNetInfo):
+        super().__init__()
+        self.info = info
+        self.controlnet = nn.ModuleList(
+            ControlCopy(info.hidden_size, info.num_heads, info.mlp_ratio, info.qk_norm, first=i == 0)
+            for i in range(info.num_copies)
+        )
+
+    @property
+    def num_copies(self) -> int:
+        return len(self.controlnet)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.controlnet[0].after_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.controlnet[0].after_proj.weight.device
+
+    def forward(
+        self, x: torch.Tensor, hint: torch.Tensor, t0: torch.Tensor, text: TextConditioning, grid_hw: tuple[int, int],
+        strength: float = 1.0,
+    ) -> list[torch.Tensor]:
+        """x: (B, N, D) base tokens after block 0; hint: (1 or B, N, D) embedded hint -> residuals for base blocks
+        1..num_copies, each (B, N, D) and scaled by strength."""
+        c = x + self.controlnet[0].before_proj(hint)
+        residuals = []
+        for copy in self.controlnet:
+            c = copy.copied_block(c, t0, text, grid_hw)  # the chain itself is never scaled, only what leaves it
+            r = copy.after_proj(c)
+            residuals.append(r if strength == 1.0 else r * strength)
+        return residuals
+
+    def bind(
+        self, base: PixArtTransformer, hint_latent: torch.Tensor, strength: float = 1.0, start: float = 0.0,
+        end: float = 1.0,
+    ) -> "ControlHint":
+        return ControlHint(self, base, hint_latent, strength, start, end)
+
+
+class ControlHint:
+    """A ControlNet bound to one control image: the callable PixArtTransformer.forward(controls=[...]) expects.
+
+    hint_latent: (1 or B, 4, H/8, W/8) VAE latent of the prepared control image, already multiplied by the VAE scale
+    factor (what vae.encode returns). A batch of 1 serves every image and both CFG halves; a batch equal to the
+    conditional batch is repeated over the [uncond, cond] halves.
+    strength scales every after_proj output. start/end are fractions of the sampling schedule; `active(step, total)`
+    tells the sampling loop whether to pass this control at a step.
+    """
+
+    def __init__(
+        self, controlnet: PixArtControlNet, base: PixArtTransformer, hint_latent: torch.Tensor, strength: float = 1.0,
+        start: float = 0.0, end: float = 1.0,
+    ):
+        check_compatible(controlnet, base)
+        strength, start, end = float(strength), float(start), float(end)
+        if not math.isfinite(strength) or strength < 0:
+            raise PixArtError(f"ControlNet strength must be a finite number >= 0, not {strength}.")
+        if not (0.0 <= start <= end <= 1.0):
+            raise PixArtError(f"ControlNet start/end percent must satisfy 0 <= start <= end <= 1 (got start={start}, "
+                              f"end={end}).")
+        if not isinstance(hint_latent, torch.Tensor) or hint_latent.ndim != 4 \
+                or hint_latent.shape[1] != base.config.in_channels:
+            shape = tuple(hint_latent.shape) if isinstance(hint_latent, torch.Tensor) else type(hint_latent).__name__
+            raise PixArtError(
+                f"The control hint has shape {shape}; expected a VAE latent (batch, {base.config.in_channels}, "
+                "height/8, width/8). Encode the prepared control image with the VAE (prepare_control_image, then "
+                "vae.encode)."
+            )
+        if controlnet.dtype != base.dtype or controlnet.device != base.device:
+            # The copies share the base's text conditioning and adaLN input, so they must run in its dtype/device.
+            controlnet.to(device=base.device, dtype=base.dtype)
+        self.controlnet = controlnet
+        self.base = base
+        self.hint_latent = hint_latent
+        self.strength = strength
+        self.start = start
+        self.end = end
+        self._tokens: dict[tuple, torch.Tensor] = {}
+
+    # ----- schedule -----
+    def active(self, step_index: int, total_steps: int) -> bool:
+        """Whether the control applies at sampling step `step_index` (0-based) of `total_steps`. diffusers' rule
+        (control_guidance_start/end): the step's span [i/n, (i+1)/n] must lie within [start, end]."""
+        if total_steps <= 0:
+            raise PixArtError(f"total_steps must be positive, not {total_steps}.")
+        if self.strength == 0.0:
+            return False
+        eps = 1e-9  # 3/10 and 0.3 must compare equal
+        return step_index / total_steps >= self.start - eps and (step_index + 1) / total_steps <= self.end + eps
+
+    def active_at_timestep(self, timestep: float, num_train_timesteps: int = 1000) -> bool:
+        """The same question for a caller that only knows the model timestep (ComfyUI's rule: percent p of the
+        schedule is timestep (1 - p) * 999; the control is on while start <= p <= end)."""
+        if self.strength == 0.0:
+            return False
+        progress = 1.0 - float(timestep) / (num_train_timesteps - 1)
+        eps = 1e-6
+        return self.start - eps <= progress <= self.end + eps
+
+    # ----- the call PixArtTransformer makes after block 0 -----
+    def hint_tokens(self, grid_hw: tuple[int, int], batch: int) -> torch.Tensor:
+        """(1 or batch, N, D): the hint through the base patch embedder plus the base position embedding."""
+        base = self.base
+        p = base.config.patch_size
+        gh, gw = grid_hw
+        lh, lw = self.hint_latent.shape[-2:]
+        if (lh // p, lw // p) != (gh, gw) or lh % p or lw % p:
+            raise PixArtError(
+                f"The control hint latent is {lh}x{lw} ({lh * 8}x{lw * 8} px) but the image being generated is "
+                f"{gh * p}x{gw * p} ({gh * p * 8}x{gw * p * 8} px). Prepare the control image at the generation size "
+                "(prepare_control_image(image, height, width)) and encode it again."
+            )
+        key = (gh, gw, base.dtype, base.device)
+        tokens = self._tokens.get(key)
+        if tokens is None:
+            with torch.no_grad():
+                latent = self.hint_latent.to(device=base.device, dtype=base.dtype)
+                tokens = base.x_embedder(latent) + base.position_embedding(gh, gw)
+            self._tokens = {key: tokens}
+        hb = tokens.shape[0]
+        if hb == 1 or hb == batch:
+            return tokens
+        if batch % hb:
+            raise PixArtError(
+                f"The control hint has a batch of {hb} but the model runs a batch of {batch}. Give one control image, "
+                "or one per image in the batch."
+            )
+        return tokens.repeat(batch // hb, 1, 1)  # CFG runs [uncond; cond]: each half gets the same hints
+
+    def __call__(
+        self, x: torch.Tensor, t0: torch.Tensor, text: TextConditioning, grid_hw: tuple[int, int]
+    ) -> list[torch.Tensor]:
+        hint = self.hint_tokens(grid_hw, x.shape[0])
+        return self.controlnet(x, hint, t0, text, grid_hw, self.strength)
+
+
+def check_compatible(controlnet: PixArtControlNet, base: PixArtTransformer) -> None:
+    """Refuse, with the reason, a ControlNet whose copies or hints cannot work with this base model."""
+    c, b = controlnet.info, base.config
+    if c.family != b.family:
+        base_assumed = getattr(getattr(base, "detection", None), "assumed", None) or []
+        fix = ""
+        if any(a.startswith("family=") for a in base_assumed):
+            fix += (f" If the base model really is {_FAMILY_NAMES[c.family]} (a diffusers file without config.json "
+                    f"does not say), load it with family='{c.family}'.")
+        if any(a.startswith("family=") for a in c.assumed):
+            fix += (f" If this ControlNet was trained on {_FAMILY_NAMES[b.family]} (its file does not say), load it "
+                    f"with family='{b.family}'.")
+        raise PixArtError(
+            f"This ControlNet was trained with {_FAMILY_NAMES[c.family]} ({_VAE_NAMES[c.family]} latents, scale "
+            f"{LATENT_SCALE[c.family]}), but the base model is {_FAMILY_NAMES[b.family]} ({_VAE_NAMES[b.family]} "
+            f"latents, scale {LATENT_SCALE[b.family]}). The two latent spaces differ, so its control signals would "
+            f"mean nothing to this base. Use a {_FAMILY_NAMES[c.family]} base model (for the released ControlNets: "
+            "PixArt-XL-2-512x512 / PixArt-XL-2-1024-MS, or the base stored in the ControlNet file)." + fix
+        )
+    problems = []
+    if c.hidden_size != b.hidden_size:
+        problems.append(f"width {c.hidden_size} vs the base's {b.hidden_size}")
+    if c.num_heads != b.num_heads and c.hidden_size == b.hidden_size:
+        problems.append(f"{c.num_heads} attention heads vs the base's {b.num_heads}")
+    if b.depth < c.num_copies + 1:
+        problems.append(f"{c.num_copies} control blocks feed base blocks 1..{c.num_copies}, but the base has only "
+                        f"{b.depth} blocks")
+    if abs(c.mlp_ratio - b.mlp_ratio) > 1e-6 and c.hidden_size == b.hidden_size:
+        problems.append(f"MLP width {int(c.hidden_size * c.mlp_ratio)} vs the base's "
+                        f"{int(b.hidden_size * b.mlp_ratio)}")
+    if c.qk_norm != b.qk_norm:
+        problems.append("the blocks differ in q/k normalisation")
+    if c.text_len is not None and c.text_len != b.text_len:
+        problems.append(f"text length {c.text_len} tokens vs the base's {b.text_len}")
+    if c.caption_channels is not None and c.caption_channels != b.caption_channels:
+        problems.append(f"caption channels {c.caption_channels} vs the base's {b.caption_channels}")
+    if problems:
+        raise PixArtError(
+            "This ControlNet does not fit the base model: " + "; ".join(problems) + ". A ControlNet only works with "
+            "the base model it was trained on (for the released ones, PixArt-α XL-2 512 or 1024; the ControlNet file "
+            "itself contains that base)."
+        )
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Loading
+# -------------------------------------------------------------------------------------------------------------------
+
+
+def _diffusers_prefix(keys: list[str]) -> str | None:
+    """The text in front of `controlnet_blocks.` (e.g. 'controlnet.' in a saved PixArtControlNetTransformerModel)."""
+    for k in keys:
+        i = k.find(DIFFUSERS_BLOCKS)
+        if i == 0 or (i > 0 and k[i - 1] == "."):
+            return k[:i]
+    return None
+
+
+def _controlnet_plan(keys: list[str]) -> tuple[str, dict[str, list[str]]]:
+    """(layout, model key -> file key(s)) for the ControlNet part of a file."""
+    keyset = set(keys)
+    prefix = _diffusers_prefix(keys)
+    if prefix is not None:
+        inner = prefix + DIFFUSERS_BLOCKS
+        ids = sorted({int(m.group(1)) for k in keys if (m := re.match(re.escape(inner) + r"(\d+)\.", k))})
+        plan: dict[str, list[str]] = {}
+        for i in ids:
+            src = f"{inner}{i}."
+            plan.update(block_key_plan(f"{src}transformer_block.", f"controlnet.{i}.copied_block.", keyset))
+            for k in keys:
+                if k.startswith(src) and not k.startswith(f"{src}transformer_block."):
+                    plan[f"controlnet.{i}.{k[len(src):]}"] = [k]
+        return "diffusers", plan
+    ctrl = [k for k in keys if k.startswith(ORIGINAL_PREFIX)]
+    if not ctrl:
+        base_keys = ("blocks.", "x_embedder.", "transformer_blocks.", BASE_PREFIX)
+        looks_like_base = any(k.startswith(base_keys) for k in keys)
+        raise PixArtError(
+            "This file contains no ControlNet weights"
+            + (" (it is a plain PixArt transformer: load it with the model loader)" if looks_like_base else "")
+            + ". Expected the PixArt-δ ControlNet layout (controlnet.{i}.copied_block.*, as in "
+            "PixArt-XL-2-1024-ControlNet.pth) or the diffusers research layout (controlnet_blocks.{i}.*)."
+        )
+    layout = "controlnet-combined" if any(k.startswith(BASE_PREFIX) for k in keys) else "original"
+    return layout, {k: [k] for k in ctrl}
+
+
+def _shape_of(plan: dict[str, list[str]], shapes: dict[str, tuple], key: str) -> tuple | None:
+    parts = plan.get(key)
+    if not parts:
+        return None
+    s = [shapes[p] for p in parts]
+    return (sum(x[0] for x in s), *s[0][1:]) if len(s) > 1 else tuple(s[0])
+
+
+def detect_controlnet(
+    shapes: dict[str, tuple], file_config: dict | None = None, num_heads: int | None = None, family: str | None = None,
+) -> tuple[ControlNetInfo, dict[str, list[str]]]:
+    """What ControlNet a file holds (from key names and shapes only) and the plan to read it in the original layout."""
+    keys = list(shapes)
+    layout, plan = _controlnet_plan(keys)
+    ids = {int(m.group(1)) for k in plan if (m := re.match(r"controlnet\.(\d+)\.", k))}
+    n = max(ids) + 1 if ids else 0
+    if not ids or sorted(ids) != list(range(n)):
+        raise PixArtError(f"The ControlNet is incomplete: found control blocks {sorted(ids)}, expected 0..{n - 1}. "
+                          "Download the file again.")
+    after = _shape_of(plan, shapes, "controlnet.0.after_proj.weight")
+    fc1 = _shape_of(plan, shapes, "controlnet.0.copied_block.mlp.fc1.weight")
+    if after is None or fc1 is None or _shape_of(plan, shapes, "controlnet.0.before_proj.weight") is None:
+        raise PixArtError("The ControlNet is incomplete: control block 0 lacks after_proj, before_proj or its copied "
+                          "block. Download the file again.")
+    hidden = after[0]
+    assumed: list[str] = []
+
+    base = None
+    if layout == "controlnet-combined":
+        base = detect(shapes, file_config,
+                      {k: v for k, v in {"num_heads": num_heads, "family": family}.items() if v is not None})
+    heads = num_heads or (base.config.num_heads if base else None) or (file_config or {}).get("num_attention_heads")
+    if heads is None:
+        if hidden % 72 == 0:
+            heads = hidden // 72
+        elif hidden % 64 == 0:
+            heads = hidden // 64
+        else:
+            raise PixArtError(f"Cannot tell the attention head count of a width-{hidden} ControlNet; pass num_heads.")
+        assumed.append(f"num_heads={heads} (head width {hidden // heads})")
+    if family is None:
+        if base is not None:
+            family = base.config.family
+        else:
+            family = ALPHA
+            assumed.append("family=alpha (every released PixArt ControlNet is α; set family for a Σ one)")
+    if family not in (ALPHA, SIGMA):
+        raise PixArtError(f"family must be 'alpha' or 'sigma', not {family!r}.")
+
+    info = ControlNetInfo(
+        num_copies=n, hidden_size=hidden, num_heads=int(heads), mlp_ratio=fc1[0] / hidden,
+        qk_norm=_shape_of(plan, shapes, "controlnet.0.copied_block.attn.q_norm.weight") is not None, family=family,
+        text_len=base.config.text_len if base else None,
+        caption_channels=base.config.caption_channels if base else None,
+        sample_size=base.config.sample_size if base else None, layout=layout,
+        assumed=assumed + (base.assumed if base else []),
+    )
+    return info, plan
+
+
+def _verify(model: PixArtControlNet, plan: dict[str, list[str]], shapes: dict[str, tuple]) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(plan))
+    unexpected = sorted(set(plan) - set(expected))
+    if missing or unexpected:
+        def show(ks):
+            return ", ".join(ks[:6]) + (f" and {len(ks) - 6} more" if len(ks) > 6 else "")
+        raise PixArtError(
+            f"The ControlNet does not match the PixArt-δ ControlNet layout ({model.num_copies} control blocks of "
+            f"width {model.info.hidden_size}). " + (f"Missing: {show(missing)}. " if missing else "")
+            + (f"Not understood: {show(unexpected)}. " if unexpected else "")
+            + "The file may be incomplete, or a ControlNet type this loader does not know."
+        )
+    for k in expected:
+        got = _shape_of(plan, shapes, k)
+        if got != expected[k]:
+            raise PixArtError(f"ControlNet tensor '{k}' has shape {got} but the detected ControlNet needs "
+                              f"{expected[k]}.")
+
+
+def load_controlnet(
+    path: str | os.PathLike | StateDictSource,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+    family: str | None = None,
+) -> PixArtControlNet:
+    """Load the ControlNet part of a released combined file (.pth / .safetensors) or of a diffusers research
+    checkpoint (file or folder). `num_heads` and `family` override what the file cannot say (see `.info.assumed`)."""
+    source = path if isinstance(path, StateDictSource) else open_checkpoint(path)
+    shapes = source.shapes()
+    info, plan = detect_controlnet(shapes, source.config, num_heads, family)
+    with torch.device("meta"):
+        model = PixArtControlNet(info)
+    _verify(model, plan, shapes)
+    model.load_state_dict(materialise(source, plan, dtype), strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    model.to(device)
+    model.source_path = str(source.path)
+    return model
+
+
+def load_combined(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    overrides: dict | None = None,
+) -> tuple[PixArtTransformer, PixArtControlNet | None]:
+    """Base transformer and ControlNet from one file, read once (None when the file has no ControlNet)."""
+    source = open_checkpoint(path)
+    base = load_transformer(source, dtype=dtype, device=device, overrides=overrides)
+    if not base.detection.has_controlnet:
+        return base, None
+    controlnet = load_controlnet(source, dtype=dtype, device=device, num_heads=base.config.num_heads,
+                                 family=base.config.family)
+    return base, controlnet
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Control image
+# -------------------------------------------------------------------------------------------------------------------
+
+
+def resize_cover_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, height, width): scale (bilinear, antialiased) until the image covers the target, then
+    crop the center. For an image of the target's aspect this is the app's Resize(min side) + CenterCrop."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        images = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))  # torchvision CenterCrop
+    return images[..., top:top + height, left:left + width]
+
+
+def prepare_control_image(
+    image, height: int, width: int, hed: HEDDetector | None = None
+) -> torch.Tensor:
+    """A control image of any size -> (B, 3, height, width) in [-1, 1], ready for vae.encode.
+
+    image: (B, H, W, C) as ComfyUI's IMAGE, (B, C, H, W), a single (H, W, C)/(C, H, W), a PIL image or a uint8 array;
+    values in [0, 1] (uint8 0..255). With `hed`, the image is a photo turned into its HED edge map first (as the
+    PixArt-δ app); without, it is used as it is (a ready-made edge map).
+    """
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise PixArtError(f"The generation size must be positive multiples of 8 px, not {height}x{width}.")
+    images = image_to_bchw(image)
+    images = resize_cover_crop(images, height, width).clamp(0, 1)
+    if hed is not None:
+        images = hed(images)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (images * 2 - 1).contiguous()
+
+
+def controls_at_step(controls: Sequence[ControlHint] | None, step_index: int, total_steps: int) -> list[ControlHint]:
+    """The controls to pass to the transformer at one sampling step."""
+    return [c for c in (controls or []) if c.active(step_index, total_steps)]
+
+
+def step_of_timestep(timestep: float, timesteps: Sequence[float]) -> int:
+    """The index of the sampling step a model evaluation at `timestep` belongs to: every sampler here evaluates the
+    model once per step, at its entry of `timesteps`, so the nearest entry is that step."""
+    if len(timesteps) == 0:
+        raise PixArtError("No sampling timesteps to place the control schedule on.")
+    t = float(timestep)
+    return min(range(len(timesteps)), key=lambda i: abs(float(timesteps[i]) - t))
