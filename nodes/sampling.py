@@ -1,0 +1,156 @@
+"""Nodes: the PixArt-δ LCM sampler (few steps, no CFG) and the general sampler (DPM-Solver++, SA-Solver, Euler, DDIM).
+
+Both take and return ComfyUI's own LATENT ({"samples": (B, 4, H/8, W/8)} in the VAE's raw scale, as ComfyUI keeps
+latents), so native latent nodes and VAE Decode work before and after them. Inside ComfyUI, sampling reports progress
+with previews and stops at the next model evaluation when Cancel is pressed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pixart_core.errors import PixArtError
+from pixart_core.pipeline import generate_latents
+
+from . import comfy_bridge as bridge
+from .controlnet import bind_controls, managed_models
+from .sockets import CONDITIONING, CONTROL, MODEL, Conditioning, PixArtModel
+
+log = logging.getLogger("pixart_delta")
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+SAMPLERS = ["dpmpp_2m", "sa_solver", "euler", "ddim"]
+
+_SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                 "tooltip": "Noise seed. Image k of a batch uses seed + k, so it can be remade alone."})
+_CONTROL = (CONTROL, {"tooltip": "Optional ControlNet guidance from PixArt-δ Apply ControlNet."})
+
+
+def _size_from_latent(latent: dict) -> tuple[int, int, int]:
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise PixArtError(f"The latent has shape {tuple(samples.shape)}; PixArt takes image latents (batch, 4, h, w).")
+    return samples.shape[-1] * 8, samples.shape[-2] * 8, samples.shape[0]
+
+
+def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
+                guidance: float, width: int, height: int, batch_size: int, denoise: float,
+                latent: dict | None, control) -> dict:
+    """The one core call both sampler nodes make, with ComfyUI's progress, preview and Cancel hooked in."""
+    if conditioning.embeds.shape[-1] != model.config.caption_channels:
+        raise PixArtError(f"The conditioning has {conditioning.embeds.shape[-1]} channels but this model reads "
+                          f"{model.config.caption_channels}: encode the prompt with the T5 v1.1 XXL encoder.")
+    if latent is not None and "noise_mask" in latent:
+        log.warning("PixArt-δ samplers ignore the latent's noise mask (inpainting is not supported).")
+    transformer = model.module
+    scale = model.config.latent_scale
+    init_latent = None
+    if latent is not None and denoise < 1.0:
+        init_latent = latent["samples"].float() * scale  # ComfyUI latents are raw VAE latents; the model's are scaled
+    bridge.load([model.managed] + managed_models(control))
+    controls = bind_controls(control, transformer, width, height) if control else None
+    progress = bridge.sampling_progress(model.config.family, transformer.device)
+    result = generate_latents(
+        transformer, conditioning.embeds, conditioning.mask,
+        negative_embeds=conditioning.negative_embeds, negative_mask=conditioning.negative_mask,
+        width=width, height=height, sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed,
+        batch_size=batch_size, binning=False, init_latent=init_latent, denoise=denoise, controls=controls,
+        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
+        interrupt=bridge.check_interrupted,
+    )
+    out = dict(latent) if latent is not None else {}
+    out.pop("noise_mask", None)
+    out["samples"] = (result.latents / scale).to(bridge.intermediate_device(), torch.float32)
+    return out
+
+
+class PixArtDeltaLCMSampler:
+    DESCRIPTION = ("Samples with PixArt-δ LCM in 2-8 steps (4 is the official setting), without CFG: the guidance is "
+                   "distilled into the LCM weights, so the negative prompt is not used. Connect a latent to take "
+                   "its size and batch (and, with denoise below 1, its content).")
+    CATEGORY = "PixArt-δ/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt-δ VAE Decode or ComfyUI's VAE Decode.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "A PixArt-δ LCM transformer (PixArt-LCM-XL-2-1024-MS)."}),
+                "conditioning": (CONDITIONING, {"tooltip": "The prompt from PixArt-δ T5 Text Encode."}),
+                "seed": _SEED,
+                "steps": ("INT", {"default": 4, "min": 1, "max": 50,
+                                  "tooltip": "LCM steps: 4 is the official setting, 1-2 are rougher, 8 a little "
+                                             "finer."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                                  "tooltip": "Image width in pixels, a multiple of 16 (ignored when a latent is "
+                                             "connected). PixArt-δ Resolution gives the model's trained sizes."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                                   "tooltip": "Image height in pixels, a multiple of 16 (ignored when a latent is "
+                                              "connected)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Images per run (ignored when a latent is connected)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 makes a new image; below 1 keeps that much of the connected "
+                                                 "latent's picture (img2img)."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Optional: a latent whose size and batch to use; its content is "
+                                                 "the starting image when denoise is below 1."}),
+                "control": _CONTROL,
+            },
+        }
+
+    @torch.no_grad()
+    def sample(self, model, conditioning, seed, steps, width, height, batch_size, denoise, latent=None, control=None):
+        if latent is not None:
+            width, height, batch_size = _size_from_latent(latent)
+        return (run_sampler(model, conditioning, sampler="lcm", seed=seed, steps=steps, guidance=0.0, width=width,
+                            height=height, batch_size=batch_size, denoise=denoise, latent=latent, control=control),)
+
+
+class PixArtDeltaSampler:
+    DESCRIPTION = ("Samples PixArt-α / Σ (and δ) with DPM-Solver++ 2M (the official default: 20 steps, CFG 4.5), "
+                   "SA-Solver (25 steps, CFG 3), Euler or DDIM. Denoise below 1 refines the connected latent "
+                   "(img2img, hires-fix).")
+    CATEGORY = "PixArt-δ/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt-δ VAE Decode or ComfyUI's VAE Decode.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "A PixArt transformer from PixArt-δ Load Transformer."}),
+                "conditioning": (CONDITIONING, {"tooltip": "Prompt and negative prompt from PixArt-δ T5 Text Encode."}),
+                "latent": ("LATENT", {"tooltip": "Sets the size and batch (PixArt-δ Empty Latent or ComfyUI's); with "
+                                                 "denoise below 1 also the starting image. Sides: multiples of 16 "
+                                                 "px."}),
+                "seed": _SEED,
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                  "tooltip": "Sampling steps: 20 for DPM-Solver++, 25 for SA-Solver (official)."}),
+                "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance: 4.5 official (3 for SA-Solver); 1 or less "
+                                             "turns it off (one model run per step)."}),
+                "sampler_name": (SAMPLERS, {"default": "dpmpp_2m",
+                                            "tooltip": "dpmpp_2m: DPM-Solver++ 2M (default); sa_solver: stochastic "
+                                                       "SA-Solver; euler; ddim."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 makes a new image; below 1 keeps that much of the latent's "
+                                                 "picture (0.6 for img2img, 0.3-0.5 to refine an upscale)."}),
+            },
+            "optional": {"control": _CONTROL},
+        }
+
+    @torch.no_grad()
+    def sample(self, model, conditioning, latent, seed, steps, cfg, sampler_name, denoise, control=None):
+        width, height, batch_size = _size_from_latent(latent)
+        return (run_sampler(model, conditioning, sampler=sampler_name, seed=seed, steps=steps, guidance=cfg,
+                            width=width, height=height, batch_size=batch_size, denoise=denoise, latent=latent,
+                            control=control),)

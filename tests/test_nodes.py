@@ -1,0 +1,379 @@
+"""The node classes as ComfyUI sees them: the V1 contract, loading the pack the way ComfyUI does, ComfyUI's LATENT and
+IMAGE conventions, the model cache, Cancel, and the messages a user gets for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from nodes import comfy_bridge as bridge
+from nodes import model_cache
+from pixart_core.errors import PixArtError
+from tests import comfy_harness as harness
+from tests.conftest import SHARED_T5
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
+FILES = {k: Path(v).name for k, v in harness.TINY_FILES.items()}
+
+# Node names other packs (and ComfyUI itself) already use for PixArt: ComfyUI drops a clashing name silently.
+TAKEN = {"PixArtCheckpointLoader", "PixArtCheckpointLoaderSimple", "PixArtResolutionSelect", "PixArtT5TextEncode",
+         "PixArtResolutionCond", "PixArtControlNetCond", "PixArtLoraLoader", "PixArtT5FromSD3CLIP", "T5v11Loader",
+         "CLIPTextEncodePixArtAlpha"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    models = harness.write_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
+    work = tmp_path_factory.mktemp("comfy_dirs_nodes")
+    harness.Directories.input, harness.Directories.output, harness.Directories.temp = (
+        str(work / "input"), str(work / "output"), str(work / "temp"))
+    harness.example_input(work / "input", "pixart_delta_example.png", 64)
+    bridge.set_models_root(models)
+    bridge.set_t5_tokenizer_dir(SHARED_T5)
+    yield models
+    bridge.set_models_root(None)
+    bridge.set_t5_tokenizer_dir(None)
+    bridge.request_interrupt(False)
+    model_cache.clear_all()
+    torch.set_num_threads(threads)
+
+
+def text_to_image(model=FILES["lcm"], sampler="lcm", width=64, height=64, vae=FILES["sd_vae"], control=False) -> dict:
+    """A minimal API prompt: loader, T5, encode, sampler, tiled decode, save."""
+    p = {
+        "1": {"class_type": "PixArtDeltaTransformerLoader", "inputs": {"model_name": model, "precision": "auto",
+              "family": "auto", "train_resolution": "auto", "text_len": "auto"}},
+        "2": {"class_type": "PixArtDeltaT5Loader", "inputs": {"t5_name": FILES["t5"], "precision": "fp32",
+                                                              "device": "auto"}},
+        "3": {"class_type": "PixArtDeltaT5TextEncode", "inputs": {"t5": ["2", 0], "model": ["1", 0],
+              "prompt": "a red fox", "negative_prompt": "", "max_length": 0}},
+        "5": {"class_type": "PixArtDeltaVAELoader", "inputs": {"vae_name": vae, "kind": "auto", "precision": "auto"}},
+        "6": {"class_type": "PixArtDeltaVAEDecodeTiled", "inputs": {"samples": ["4", 0], "vae": ["5", 0],
+                                                                    "mode": "auto", "tile_size": 0}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "t"}},
+    }
+    if sampler == "lcm":
+        p["4"] = {"class_type": "PixArtDeltaLCMSampler", "inputs": {"model": ["1", 0], "conditioning": ["3", 0],
+                  "seed": 1, "steps": 2, "width": width, "height": height, "batch_size": 1, "denoise": 1.0}}
+    else:
+        p["8"] = {"class_type": "PixArtDeltaEmptyLatent", "inputs": {"width": width, "height": height,
+                                                                     "batch_size": 1}}
+        p["4"] = {"class_type": "PixArtDeltaSampler", "inputs": {"model": ["1", 0], "conditioning": ["3", 0],
+                  "latent": ["8", 0], "seed": 1, "steps": 2, "cfg": 4.5, "sampler_name": sampler, "denoise": 1.0}}
+    if control:
+        p["9"] = {"class_type": "LoadImage", "inputs": {"image": "pixart_delta_example.png"}}
+        p["10"] = {"class_type": "PixArtDeltaControlNetLoader", "inputs": {"controlnet_name": FILES["controlnet"]}}
+        p["11"] = {"class_type": "PixArtDeltaControlNetApply", "inputs": {"controlnet": ["10", 0], "vae": ["5", 0],
+                   "image": ["9", 0], "strength": 1.0, "start": 0.0, "end": 1.0}}
+        p["4"]["inputs"]["control"] = ["11", 0]
+    return p
+
+
+def run(prompt: dict):
+    executor = harness.Executor(CLASSES)
+    ui = executor.run(prompt)
+    return executor, ui
+
+
+# ------------------------------------------------------------------------------------------------ the V1 contract
+@pytest.mark.parametrize("name", sorted(NODE_CLASS_MAPPINGS))
+def test_every_node_follows_the_contract(name):
+    cls = NODE_CLASS_MAPPINGS[name]
+    assert name.startswith("PixArtDelta") and name not in TAKEN
+    assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("PixArt-δ ")
+    assert cls.CATEGORY.startswith("PixArt-δ/")
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+    inputs = cls.INPUT_TYPES()
+    assert set(inputs) <= {"required", "optional", "hidden"}
+    for category in ("required", "optional"):
+        for input_name, spec in inputs.get(category, {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+            if isinstance(spec[0], list) and "default" in options:
+                assert options["default"] in spec[0]
+            if spec[0] in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"]
+    for kind in cls.RETURN_TYPES:
+        assert kind in ("LATENT", "IMAGE", "INT", "STRING") or kind.startswith("PIXART_")
+
+
+def test_pack_loads_the_way_comfyui_loads_it():
+    """spec_from_file_location on the folder's __init__.py, under ComfyUI's module name, while a top-level `nodes`
+    module (ComfyUI's own nodes.py) already exists: our package must not import or shadow it."""
+    code = textwrap.dedent(f"""
+        import importlib.util, sys, types
+        comfy_nodes = types.ModuleType("nodes"); comfy_nodes.COMFY = True
+        sys.modules["nodes"] = comfy_nodes
+        path = {str(ROOT)!r}
+        name = path.replace(".", "_x_")
+        spec = importlib.util.spec_from_file_location(name, path + "/__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        assert sys.modules["nodes"] is comfy_nodes
+        print(sorted(module.NODE_CLASS_MAPPINGS), sorted(module.NODE_DISPLAY_NAME_MAPPINGS))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert str(sorted(NODE_CLASS_MAPPINGS)) in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------ ComfyUI's types
+def test_latent_and_image_are_comfyuis_own(env):
+    """LATENT holds the VAE's raw latent (ComfyUI scales inside its models): the sampler's latent decoded the way
+    ComfyUI's native VAEDecode does (the diffusers VAE on the raw latent) equals our tiled decode; our encode equals
+    the VAE's posterior mean; IMAGE is [B, H, W, 3] float32 in 0..1 on the CPU."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    executor, _ = run(text_to_image())
+    latent = executor.last_results["4"][0]
+    image = executor.last_results["6"][0]
+    assert set(latent) == {"samples"} and latent["samples"].shape == (1, 4, 8, 8)
+    assert latent["samples"].dtype == torch.float32 and latent["samples"].device.type == "cpu"
+    assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32 and image.device.type == "cpu"
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32)
+    vae.load_state_dict(load_file(str(env / harness.TINY_FILES["sd_vae"])))
+    with torch.no_grad():
+        native = (vae.decode(latent["samples"]).sample / 2 + 0.5).clamp(0, 1).movedim(1, -1)
+        assert torch.allclose(image, native, atol=2e-4)
+        encoder = NODE_CLASS_MAPPINGS["PixArtDeltaVAEEncodeTiled"]()
+        ours = encoder.encode(image, executor.last_results["5"][0], 0)[0]["samples"]
+        assert torch.allclose(ours, vae.encode(image.movedim(-1, 1) * 2 - 1).latent_dist.mean, atol=2e-4)
+
+
+def test_sampler_takes_a_native_empty_latent_and_keeps_its_extra_keys(env):
+    prompt = text_to_image(sampler="dpmpp_2m")
+    executor, _ = run(prompt)
+    model, cond = executor.last_results["1"][0], executor.last_results["3"][0]
+    native_empty = {"samples": torch.zeros(2, 4, 8, 12), "batch_index": [3, 4]}  # EmptyLatentImage 96x64, batch 2
+    out = NODE_CLASS_MAPPINGS["PixArtDeltaSampler"]().sample(model, cond, native_empty, 5, 2, 4.5, "euler", 1.0)[0]
+    assert out["samples"].shape == (2, 4, 8, 12) and out["batch_index"] == [3, 4]
+    # image k of a batch uses seed + k: the second image alone with seed 6 is the same
+    single = NODE_CLASS_MAPPINGS["PixArtDeltaSampler"]().sample(model, cond, {"samples": torch.zeros(1, 4, 8, 12)},
+                                                                 6, 2, 4.5, "euler", 1.0)[0]
+    difference = (out["samples"][1:] - single["samples"]).abs().max()
+    assert difference <= 1e-5 * single["samples"].abs().max()  # float rounding of a batch of 2 vs 1
+
+
+# ------------------------------------------------------------------------------------------------ loading, cache
+def test_loader_reports_what_it_detected_and_second_run_reuses_models(env):
+    model_cache.clear_all()
+    before = (model_cache.TRANSFORMERS.loads, model_cache.TEXT_ENCODERS.loads, model_cache.VAES.loads)
+    executor, ui = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
+    info = executor.last_results["1"][1]
+    assert "PixArt-α" in info and "256 px" in info and "text length 120" in info and "micro-conditions: yes" in info
+    loads = (model_cache.TRANSFORMERS.loads, model_cache.TEXT_ENCODERS.loads, model_cache.VAES.loads)
+    assert [a - b for a, b in zip(loads, before)] == [1, 1, 1]
+    run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
+    assert (model_cache.TRANSFORMERS.loads, model_cache.TEXT_ENCODERS.loads, model_cache.VAES.loads) == loads
+    # a different setting is a different model
+    prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m")
+    prompt["1"]["inputs"]["precision"] = "bf16"
+    executor, _ = run(prompt)
+    assert model_cache.TRANSFORMERS.loads == loads[0] + 1
+    assert "precision bf16 (bfloat16)" in executor.last_results["1"][1]
+    assert executor.last_results["1"][0].module.dtype == torch.bfloat16
+
+
+def test_resolution_node_gives_the_models_own_bins(env):
+    executor, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
+    model = executor.last_results["1"][0]
+    select = NODE_CLASS_MAPPINGS["PixArtDeltaResolutionSelect"]()
+    assert select.select(model, "1.0") == (256, 256)
+    assert select.select(model, "0.57") == (336, 192)  # a quarter of the 1024 bin "0.57": [h 768, w 1344]
+    assert select.select(model, "3.62") == select.select(model, "4.0")  # a 2K-only ratio picks the closest bin
+
+
+# ------------------------------------------------------------------------------------------------ Cancel, progress
+def test_cancel_stops_sampling_at_the_next_model_evaluation(env, monkeypatch):
+    executor, _ = run(text_to_image())
+    model, cond = executor.last_results["1"][0], executor.last_results["3"][0]
+    calls = []
+    original = type(model.module).forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        bridge.request_interrupt()  # the user presses Cancel while step 1 runs
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.module), "forward", forward)
+    with pytest.raises(bridge.Interrupted):
+        NODE_CLASS_MAPPINGS["PixArtDeltaLCMSampler"]().sample(model, cond, 1, 4, 64, 64, 1, 1.0)
+    assert len(calls) == 1
+    bridge.request_interrupt(False)
+
+
+def test_progress_reaches_the_number_of_steps(env, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.values = total, []
+            bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.values.append((value, total))
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    run(text_to_image(sampler="dpmpp_2m"))
+    sampler_bar = next(b for b in bars if b.total == 2)
+    assert sampler_bar.values == [(1, 2), (2, 2)]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_missing_file_says_where_to_put_it(env):
+    prompt = text_to_image(model="PixArt-Sigma-XL-2-1024-MS-missing.pth")
+    with pytest.raises(harness.PromptRejected) as err:
+        harness.Executor(CLASSES).run(prompt)
+    [error] = err.value.node_errors["1"]["errors"]
+    assert error["type"] == "custom_validation_failed"
+    assert "models/diffusion_models or models/checkpoints" in error["details"]
+    assert "PixArt-Sigma-XL-2-1024-MS-missing.pth" in error["details"] and "refresh" in error["details"]
+    # the same message when a prompt skips validation (e.g. a file deleted after queuing)
+    with pytest.raises(PixArtError, match="was not found in models/diffusion_models"):
+        NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]().load("gone.pth", "auto", "auto", "auto", "auto")
+
+
+def test_validate_inputs_keeps_comfyuis_other_checks(env):
+    """VALIDATE_INPUTS names only the file input, so ComfyUI still checks the other combos and ranges."""
+    prompt = text_to_image()
+    prompt["1"]["inputs"]["precision"] = "int9"
+    prompt["4"]["inputs"]["steps"] = 0
+    with pytest.raises(harness.PromptRejected) as err:
+        harness.Executor(CLASSES).run(prompt)
+    kinds = {n: [e["type"] for e in v["errors"]] for n, v in err.value.node_errors.items()}
+    assert kinds == {"1": ["value_not_in_list"], "4": ["value_smaller_than_min"]}
+
+
+def test_size_off_the_16_px_grid_is_explained(env):
+    with pytest.raises(harness.ExecutionError) as err:
+        run(text_to_image(width=1000, height=64))
+    assert isinstance(err.value.exception, PixArtError)
+    message = err.value.exception_message
+    assert "multiples of 16" in message and "1000x64" in message and "992" in message
+    with pytest.raises(PixArtError, match="multiples of 16"):
+        NODE_CLASS_MAPPINGS["PixArtDeltaEmptyLatent"]().make(1000, 1024, 1)
+
+
+def test_alpha_controlnet_on_a_sigma_model_is_refused_with_the_reason(env):
+    with pytest.raises(harness.ExecutionError) as err:
+        run(text_to_image(model=FILES["sigma"], sampler="dpmpp_2m", vae=FILES["sdxl_vae"], control=True))
+    message = err.value.exception_message
+    assert err.value.node_type == "PixArtDeltaSampler" and isinstance(err.value.exception, PixArtError)
+    assert "PixArt-α" in message and "PixArt-Σ" in message and "latent" in message
+
+
+def test_controlnet_runs_on_an_alpha_model_and_changes_the_image(env):
+    plain, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
+    controlled, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True))
+    a, b = plain.last_results["4"][0]["samples"], controlled.last_results["4"][0]["samples"]
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-4
+
+
+def test_start_after_end_is_explained(env):
+    with pytest.raises(PixArtError, match="start"):
+        NODE_CLASS_MAPPINGS["PixArtDeltaControlNetApply"]().apply(None, None, torch.zeros(1, 8, 8, 3), 1.0, 0.8, 0.2)
+
+
+def test_wrong_file_in_a_loader_says_what_it_is(env):
+    bad = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()
+    with pytest.raises(PixArtError, match="T5"):
+        bridge_path = Path(env) / "diffusion_models" / "t5_in_the_wrong_folder.safetensors"
+        bridge_path.write_bytes((Path(env) / harness.TINY_FILES["t5"]).read_bytes())
+        try:
+            bad.load(bridge_path.name, "auto", "auto", "auto", "auto")
+        finally:
+            bridge_path.unlink()
+
+
+# ------------------------------------------------------------------------------------------------ the harness itself
+def test_harness_rejects_what_comfyui_rejects(env):
+    prompt = text_to_image()
+    del prompt["3"]["inputs"]["prompt"]
+    prompt["6"]["inputs"]["vae"] = ["1", 0]  # a PIXART_MODEL into a PIXART_VAE input
+    with pytest.raises(harness.PromptRejected) as err:
+        harness.Executor(CLASSES).run(prompt)
+    kinds = {n: [e["type"] for e in v["errors"]] for n, v in err.value.node_errors.items()}
+    assert kinds == {"3": ["required_input_missing"], "6": ["return_type_mismatch"]}
+    assert err.value.error["type"] == "prompt_outputs_failed_validation"
+    with pytest.raises(harness.PromptRejected, match="does not exist"):
+        harness.Executor(CLASSES).run({"1": {"class_type": "NoSuchNode", "inputs": {}}})
+    json.dumps(err.value.node_errors)  # the shape POST /prompt answers with
+
+
+def test_controlnet_start_and_end_limit_where_it_acts(env):
+    """start/end are fractions of the sampling steps: acting only in the second half of the steps gives neither the
+    image without control nor the image with control throughout."""
+    def latent(start=None, end=None):
+        prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=start is not None)
+        if start is not None:
+            prompt["11"]["inputs"].update(start=start, end=end)
+        prompt["4"]["inputs"]["steps"] = 4
+        return run(prompt)[0].last_results["4"][0]["samples"]
+
+    none, full, late = latent(), latent(0.0, 1.0), latent(0.5, 1.0)
+    assert (full - late).abs().max() > 1e-4 and (none - late).abs().max() > 1e-4
+
+
+def test_stacked_controlnets_add_up(env):
+    one = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True)
+    two = json.loads(json.dumps(one))
+    two["12"] = {"class_type": "PixArtDeltaControlNetApply", "inputs": {"controlnet": ["10", 0], "vae": ["5", 0],
+                 "image": ["9", 0], "strength": 0.5, "start": 0.0, "end": 1.0, "previous": ["11", 0]}}
+    two["4"]["inputs"]["control"] = ["12", 0]
+    a, b = run(one)[0].last_results, run(two)[0].last_results
+    assert len(b["12"][0]) == 2 and b["12"][0][0] is b["11"][0][0]
+    assert (a["4"][0]["samples"] - b["4"][0]["samples"]).abs().max() > 1e-4
+
+
+def test_harness_keeps_the_validate_inputs_pitfalls(env):
+    """As in ComfyUI: naming an input in VALIDATE_INPUTS switches off its min/max check (and a linked input arrives
+    there as None); **kwargs switches off every built-in check."""
+    seen = {}
+
+    class Named:
+        RETURN_TYPES, FUNCTION, OUTPUT_NODE = (), "go", True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"a": ("INT", {"default": 0, "min": 0, "max": 5}),
+                                 "b": ("INT", {"default": 0, "min": 0, "max": 5})},
+                    "optional": {"image": ("IMAGE", {})}}
+
+        @classmethod
+        def VALIDATE_INPUTS(cls, a, image=None):
+            seen.update(a=a, image=image)
+            return True
+
+        def go(self, a, b, image=None):
+            return {"ui": {"a": [a]}}
+
+    class Everything(Named):
+        @classmethod
+        def VALIDATE_INPUTS(cls, **kwargs):
+            return True
+
+    classes = {**CLASSES, "Named": Named, "Everything": Everything}
+    image = {"class_type": "LoadImage", "inputs": {"image": "pixart_delta_example.png"}}
+    ui = harness.Executor(classes).run({"1": {"class_type": "Named", "inputs": {"a": 99, "b": 1, "image": ["2", 0]}},
+                                        "2": image})
+    assert ui["1"] == {"a": [99]} and seen == {"a": 99, "image": None}
+    with pytest.raises(harness.PromptRejected, match="bigger than max"):
+        harness.Executor(classes).run({"1": {"class_type": "Named", "inputs": {"a": 1, "b": 99}}})
+    assert harness.Executor(classes).run({"1": {"class_type": "Everything", "inputs": {"a": 99, "b": 99}}})
