@@ -1,0 +1,117 @@
+"""The bridge from a PixArt transformer to the samplers: an `eps_fn(x, t) -> eps` with guidance built in.
+
+The samplers (samplers.py) know nothing about PixArt; this wrapper holds everything PixArt-specific about one model
+evaluation: the text conditioning (projected once per generation, cross-attention K/V cached), classifier-free guidance,
+the micro-conditions of α-1024/δ checkpoints, optional ControlNet signals, and the interrupt check.
+
+Classifier-free guidance as diffusers' PixArt pipelines do it:
+- on when guidance_scale > 1 (PixArt-δ LCM runs with guidance 0: the guidance is distilled into the weights);
+- both halves in ONE batch, [uncond, cond], each half with its own text mask (the empty prompt's mask is 1 token);
+- `uncond + s * (cond - uncond)` applied to all output channels, then the first 4 (epsilon) are kept. The original
+  IDDPM code guided only 3 channels; that quirk is not copied (pixart-reference.md §1.5).
+The model runs in its own dtype; guidance and everything after it are computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PixArtError
+
+
+class Interrupted(Exception):
+    """Raised when the interrupt check asks to stop; sampling stops before the next model evaluation."""
+
+
+InterruptCheck = Callable[[], Optional[bool]]
+
+
+def _pad_tokens(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (B, L, C) embeddings and their mask with masked-out tokens to `length` (so halves of different L stack)."""
+    extra = length - embeds.shape[1]
+    if extra <= 0:
+        return embeds, mask
+    return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+def _match_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise PixArtError(f"The {what} has batch {t.shape[0]} but {batch} images are being generated; give one entry "
+                      "for all images or one per image.")
+
+
+class GuidedEpsilon:
+    """`eps_fn(x, t)` for the samplers: PixArt transformer + text + CFG + micro-conditions + controls.
+
+    embeds/mask: (B or 1, L, C) T5 embeddings and their 0/1 mask; negative_*: the unconditional branch (needed only
+    when guidance_scale > 1). size: the generated [height, width] in pixels, for the micro-conditions (resolution and
+    aspect ratio = height / width, as diffusers). controls: ControlSignal callables passed through to the transformer.
+    interrupt(): called before every model evaluation; it may raise itself (ComfyUI's interrupt does) or return True,
+    which raises `Interrupted`.
+    """
+
+    def __init__(
+        self,
+        model,
+        embeds: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        *,
+        batch_size: int,
+        size: tuple[int, int],
+        negative_embeds: Optional[torch.Tensor] = None,
+        negative_mask: Optional[torch.Tensor] = None,
+        guidance_scale: float = 1.0,
+        controls: Optional[Sequence] = None,
+        interrupt: Optional[InterruptCheck] = None,
+    ):
+        self.model = model
+        self.guidance_scale = float(guidance_scale)
+        self.do_cfg = self.guidance_scale > 1.0
+        self.controls = list(controls) if controls else None
+        self.interrupt = interrupt
+        self.batch_size = batch_size
+        self.in_channels = model.config.in_channels
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if self.do_cfg:
+            if negative_embeds is None:
+                raise PixArtError(f"Guidance {self.guidance_scale:g} needs an unconditional branch (a negative "
+                                  "prompt, even empty); or set guidance to 1 or less to run without it.")
+            if negative_mask is None:
+                negative_mask = torch.ones(negative_embeds.shape[:2], dtype=torch.long, device=negative_embeds.device)
+            # One text batch [uncond x B, cond x B] lines up with the latent batch [x, x].
+            length = max(embeds.shape[1], negative_embeds.shape[1])
+            neg_e, neg_m = _pad_tokens(negative_embeds, negative_mask.to(embeds.device), length)
+            pos_e, pos_m = _pad_tokens(embeds, mask, length)
+            y = torch.cat([_match_batch(neg_e, batch_size, "negative prompt"),
+                           _match_batch(pos_e.to(neg_e.dtype), batch_size, "prompt")])
+            y_mask = torch.cat([_match_batch(neg_m, batch_size, "negative mask"),
+                                _match_batch(pos_m, batch_size, "prompt mask")])
+        else:
+            _match_batch(embeds, batch_size, "prompt")  # only checks: a batch of 1 broadcasts in the transformer
+            y, y_mask = embeds, mask
+        self.text = model.prepare_text(y, y_mask)
+        height, width = size
+        self.resolution = torch.tensor([[float(height), float(width)]], dtype=torch.float32)
+        self.aspect_ratio = torch.tensor([[float(height / width)]], dtype=torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.interrupt is not None and self.interrupt():
+            raise Interrupted("Generation interrupted.")
+        model_x = x.to(self.model.dtype)
+        if self.do_cfg:
+            model_x = torch.cat([model_x, model_x])
+            t = torch.cat([t, t])
+        out = self.model(model_x, t, self.text, resolution=self.resolution, aspect_ratio=self.aspect_ratio,
+                         controls=self.controls).float()
+        if self.do_cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + self.guidance_scale * (cond - uncond)
+        return out[:, : self.in_channels]

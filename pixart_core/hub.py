@@ -1,0 +1,143 @@
+"""Find the official PixArt-δ LCM pipeline in the Hugging Face cache, downloading it only when asked and online.
+
+This is the ONLY module of the project that may touch the network, and only when no local model path was given.
+It goes through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE), so a model fetched once by any tool is reused.
+
+Order of attempts, each failing fast:
+1. the local cache (no network at all): a complete snapshot of the files below is used as is;
+2. offline (HF_HUB_OFFLINE=1) or downloads not allowed: stop with instructions;
+3. a 3-second TCP probe of the hub endpoint: unreachable -> stop with instructions instead of hanging in retries;
+4. `snapshot_download` of only the files the pipeline needs (no .bin duplicates, no fp16 variants when fp32 exists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import PixArtError
+
+OFFICIAL_LCM_REPO = "PixArt-alpha/PixArt-LCM-XL-2-1024-MS"
+PROBE_TIMEOUT_S = 3.0
+
+# Folders of the diffusers pipeline the core uses; the scheduler config only tells us the checkpoint is an LCM.
+NEEDED_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "transformer/*.json",
+    "transformer/*.safetensors",
+    "vae/*.json",
+    "vae/*.safetensors",
+    "text_encoder/*.json",
+    "text_encoder/*.safetensors",
+    "tokenizer/*",
+]
+SKIPPED_PATTERNS = ["*.fp16.safetensors", "*.bin", "*.msgpack", "*.h5", "*.onnx*"]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but looked up now (tests and the CLI set it late)."""
+    from huggingface_hub import constants
+
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    """The cache huggingface_hub would use, resolved from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _has_weights(folder: Path) -> bool:
+    """A diffusers/transformers component folder with complete weights (every shard its index names)."""
+    for index in folder.glob("*.safetensors.index.json"):
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return bool(shards) and all((folder / s).is_file() for s in shards)
+    return any(folder.glob("*.safetensors"))
+
+
+def missing_parts(root: Path) -> list[str]:
+    """What a local copy of the pipeline still lacks (empty when it is usable)."""
+    root = Path(root)
+    missing = []
+    for part in ("transformer", "vae", "text_encoder"):
+        folder = root / part
+        if not (folder / "config.json").is_file() or not _has_weights(folder):
+            missing.append(f"{part}/ (config.json and the .safetensors weights)")
+    tok = root / "tokenizer"
+    if not ((tok / "spiece.model").is_file() or (tok / "tokenizer.json").is_file()):
+        missing.append("tokenizer/ (spiece.model or tokenizer.json, with tokenizer_config.json)")
+    return missing
+
+
+def download_instructions(reason: str, cache: Path | None = None) -> str:
+    cache = cache or hub_cache_dir()
+    repo_folder = cache / ("models--" + OFFICIAL_LCM_REPO.replace("/", "--"))
+    return (
+        f"{reason}\n"
+        f"No model path was given, so PixArt-δ needs the official pipeline {OFFICIAL_LCM_REPO} "
+        f"(transformer/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json; about 21 GB).\n"
+        "Either download it into the Hugging Face cache on a machine with internet access:\n"
+        f"    hf download {OFFICIAL_LCM_REPO} --include "
+        + " ".join(f'"{p}"' for p in NEEDED_PATTERNS)
+        + f"\n  (it lands in {repo_folder}; copy that folder to the same place here, or set HF_HOME),\n"
+        "or download those folders anywhere and pass them explicitly:\n"
+        "    python -m pixart_core generate \"prompt\" --model /path/to/PixArt-LCM-XL-2-1024-MS "
+        "(or --transformer, --t5, --vae separately)."
+    )
+
+
+def _probe(endpoint: str) -> None:
+    """Fail within PROBE_TIMEOUT_S if the hub cannot be reached at all."""
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme != "http" else 80)
+    with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+        pass
+
+
+def resolve_official_lcm(allow_download: bool = True) -> Path:
+    """Local folder of the official PixArt-δ LCM pipeline (diffusers layout), from the cache or freshly downloaded."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    kwargs = dict(allow_patterns=NEEDED_PATTERNS, ignore_patterns=SKIPPED_PATTERNS, cache_dir=str(cache))
+    try:
+        folder = Path(snapshot_download(OFFICIAL_LCM_REPO, local_files_only=True, **kwargs))
+        gaps = missing_parts(folder)
+        if not gaps:
+            return folder
+        reason = f"The cached copy in {folder} is incomplete; missing: " + "; ".join(gaps) + "."
+    except LocalEntryNotFoundError:
+        reason = f"{OFFICIAL_LCM_REPO} is not in the Hugging Face cache ({cache})."
+
+    if hub_offline():
+        raise PixArtError(download_instructions(reason + " HF_HUB_OFFLINE is set, so nothing is downloaded.", cache))
+    if not allow_download:
+        raise PixArtError(download_instructions(reason, cache))
+    try:
+        _probe(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    except OSError as e:
+        raise PixArtError(download_instructions(f"{reason} The Hugging Face hub is unreachable ({e}).", cache)) from e
+    try:
+        folder = Path(snapshot_download(OFFICIAL_LCM_REPO, etag_timeout=PROBE_TIMEOUT_S, **kwargs))
+    except Exception as e:  # any hub/HTTP failure becomes the same actionable message
+        raise PixArtError(download_instructions(f"{reason} Downloading failed: {e}", cache)) from e
+    gaps = missing_parts(folder)
+    if gaps:
+        raise PixArtError(download_instructions(f"The download in {folder} is incomplete; missing: {'; '.join(gaps)}.",
+                                                cache))
+    return folder

@@ -1,0 +1,304 @@
+"""Prompt -> latent -> image with PixArt-α/Σ/δ, without ComfyUI: the standalone pipeline behind the CLI.
+
+Two levels:
+- `generate_latents(transformer, embeds, mask, ...)`: from T5 embeddings to the final latent. This is the loop the
+  ComfyUI sampler node and the tests use (no T5, no VAE).
+- `PixArtPipeline(transformer, text_encoder, vae)`: prompts in, PIL images out (encode, sample, decode, crop back).
+
+Per-image seed rule (reproducible images inside batches): image k of a batch (k = 0, 1, ...) draws ALL its noise, the
+starting latent first and then every noise the sampler adds (LCM, SA-Solver, DDIM eta > 0), from its own
+`torch.Generator("cpu").manual_seed(seed + k)`, in float32 on the CPU. So image k of a batch equals a batch of one with
+seed + k, on any device, and a run with seed s is the diffusers pipeline called with
+`generator=[torch.Generator().manual_seed(s + k) for k in range(batch)]`. With several prompts and several images per
+prompt, images are ordered prompt by prompt (diffusers' order), k counting across the whole batch.
+
+Defaults: an LCM checkpoint (PixArt-δ) samples with LCM, 4 steps, no guidance; anything else with DPM-Solver++ 2M,
+20 steps, guidance 4.5 (samplers.SAMPLERS has every sampler's defaults). Resolution binning is on by default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import samplers
+from .errors import PixArtError
+from .guidance import GuidedEpsilon, InterruptCheck
+from .resolution import SizePlan, plan_size, resize_and_crop
+from .schedule import ddpm_schedule
+
+MAX_SEED = 2**64
+
+
+# --------------------------------------------------------------------------------------------------- seeds and noise
+def image_generators(seed: int, count: int) -> list[torch.Generator]:
+    """The per-image seed rule: image k gets its own CPU generator seeded with seed + k (mod 2**64)."""
+    return [torch.Generator("cpu").manual_seed((int(seed) + k) % MAX_SEED) for k in range(count)]
+
+
+class PerImageNoise:
+    """A sampler noise_fn drawing each image's rows from that image's own generator (float32, CPU, then moved)."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        if like.shape[0] != len(self.generators):
+            raise PixArtError(f"{like.shape[0]} latents but {len(self.generators)} seeds.")
+        rows = [torch.randn((1, *like.shape[1:]), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.cat(rows).to(device=like.device, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoint kind
+def _scheduler_class(root: Path) -> Optional[str]:
+    """The scheduler class a diffusers pipeline folder names, if it is one."""
+    for name in ("scheduler/scheduler_config.json", "model_index.json"):
+        f = root / name
+        if not f.is_file():
+            continue
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        entry = info.get("_class_name") if name.startswith("scheduler") else (info.get("scheduler") or [None])[-1]
+        if entry:
+            return entry
+    return None
+
+
+def is_lcm_checkpoint(path: Optional[str | Path]) -> bool:
+    """True for PixArt-δ LCM weights: a diffusers pipeline whose scheduler is LCMScheduler, or "lcm" in the name.
+
+    The LCM weights have the same shapes as PixArt-XL-2-1024-MS, so only the files around them can tell.
+    """
+    if path is None:
+        return False
+    p = Path(path)
+    for root in ([p.parent, p.parent.parent] if p.is_file() else [p, p.parent]):
+        scheduler = _scheduler_class(root)
+        if scheduler:
+            return scheduler == "LCMScheduler"
+    return "lcm" in p.name.lower() or (p.name == "transformer" and "lcm" in p.parent.name.lower())
+
+
+def default_sampler(transformer) -> str:
+    return "lcm" if is_lcm_checkpoint(getattr(transformer, "source_path", None)) else "dpmpp_2m"
+
+
+# --------------------------------------------------------------------------------------------------- latent loop
+@dataclass
+class LatentResult:
+    latents: torch.Tensor  # (B, 4, h, w) float32, in the model's latent scale
+    plan: SizePlan
+    sampler: str
+    timesteps: list
+    guidance_scale: float
+    seed: int
+
+
+def generate_latents(
+    transformer,
+    embeds: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    *,
+    width: int,
+    height: int,
+    negative_embeds: Optional[torch.Tensor] = None,
+    negative_mask: Optional[torch.Tensor] = None,
+    sampler: Optional[str] = None,
+    steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    binning: bool = True,
+    lcm_table: str = "diffusers",
+    init_latent: Optional[torch.Tensor] = None,
+    denoise: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    controls: Optional[Sequence] = None,
+    callback: Optional[samplers.Callback] = None,
+    interrupt: Optional[InterruptCheck] = None,
+) -> LatentResult:
+    """Sample final latents from T5 embeddings (B or 1, L, C) and masks.
+
+    batch_size defaults to the prompt batch. init_latent (img2img, model latent scale) must already have the
+    generation size (plan.latent_shape). noise: explicit starting noise instead of the seeded one (the per-image
+    generators still supply the sampler's later noise).
+    """
+    sampler = sampler or default_sampler(transformer)
+    spec = samplers.get_sampler(sampler)
+    steps = spec.default_steps if steps is None else int(steps)
+    guidance_scale = spec.default_guidance if guidance_scale is None else float(guidance_scale)
+    batch = batch_size or embeds.shape[0]
+    if embeds.shape[0] not in (1, batch):
+        raise PixArtError(f"{embeds.shape[0]} prompts for a batch of {batch} images; use one prompt or one per image.")
+
+    plan = plan_size(width, height, transformer.config.bin_size, binning)
+    lh, lw = plan.latent_shape
+    shape = (batch, transformer.config.in_channels, lh, lw)
+    device = transformer.device
+    if init_latent is not None:
+        if tuple(init_latent.shape[-2:]) != (lh, lw) or init_latent.shape[1] != shape[1]:
+            raise PixArtError(f"The input latent is {tuple(init_latent.shape)} but this generation needs "
+                              f"(batch, {shape[1]}, {lh}, {lw}) ({plan.gen_width}x{plan.gen_height} px). Resize the "
+                              "image to that size before encoding it, or turn binning off.")
+        if init_latent.shape[0] not in (1, batch):
+            raise PixArtError(f"{init_latent.shape[0]} input latents for a batch of {batch}; give 1 or {batch}.")
+        init_latent = init_latent.to(device=device, dtype=torch.float32).expand(shape).contiguous()
+    elif denoise < 1.0:
+        raise PixArtError("denoise below 1 needs an input image or latent to start from.")
+
+    timesteps = samplers.sampler_timesteps(sampler, steps, strength=denoise, lcm_table=lcm_table)
+    noise_fn = PerImageNoise(image_generators(seed, batch))
+    start_noise = noise_fn(torch.empty(shape, device=device))  # each generator's first draw: the starting latent
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise PixArtError(f"The starting noise is {tuple(noise.shape)}; this generation needs {shape}.")
+        start_noise = noise.to(device=device, dtype=torch.float32)
+
+    eps_fn = GuidedEpsilon(
+        transformer, embeds.to(device), None if mask is None else mask.to(device),
+        batch_size=batch, size=(plan.gen_height, plan.gen_width),
+        negative_embeds=None if negative_embeds is None else negative_embeds.to(device),
+        negative_mask=None if negative_mask is None else negative_mask.to(device),
+        guidance_scale=guidance_scale, controls=controls, interrupt=interrupt,
+    )
+    latents = samplers.sample(sampler, eps_fn, start_noise, ddpm_schedule(), timesteps, init_latent=init_latent,
+                              noise_fn=noise_fn, callback=callback)
+    return LatentResult(latents, plan, sampler, list(timesteps), guidance_scale, int(seed))
+
+
+# --------------------------------------------------------------------------------------------------- images
+def latents_to_images(vae, latents: torch.Tensor, plan: Optional[SizePlan] = None, mode: str = "auto",
+                      callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Decode model-scale latents with a PixArtVAE to (B, 3, H, W) images in [0, 1], resized and cropped back to the
+    requested size when the generation was binned (before clamping, as diffusers does: clamped pixels would
+    interpolate differently)."""
+    images = vae.decode(latents, mode=mode, output="signed", callback=callback)
+    if plan is not None:
+        images = resize_and_crop(images, plan.out_width, plan.out_height)
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+class PixArtPipeline:
+    """Prompts to images with a loaded transformer, T5 encoder and VAE.
+
+    Build it from loaded parts, or with `PixArtPipeline.from_paths(...)` (paths may be left out to use the official
+    PixArt-δ LCM pipeline from the Hugging Face cache, see hub.py).
+    """
+
+    def __init__(self, transformer, text_encoder, vae):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+
+    @classmethod
+    def from_paths(
+        cls,
+        model: Optional[str | Path] = None,
+        *,
+        transformer: Optional[str | Path] = None,
+        t5: Optional[str | Path] = None,
+        vae: Optional[str | Path] = None,
+        dtype: torch.dtype = torch.bfloat16,
+        t5_precision: str = "bf16",
+        vae_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> "PixArtPipeline":
+        """Load the three parts. `model` is a diffusers pipeline folder providing whatever is not given separately;
+        with neither, the official PixArt-LCM-XL-2-1024-MS pipeline is taken from the Hugging Face cache."""
+        if model is None and (transformer is None or t5 is None or vae is None):
+            from .hub import resolve_official_lcm
+
+            model = resolve_official_lcm()  # before importing the loaders: an offline failure should be quick
+        from .checkpoint import load_transformer
+        from .text_encoder import load_t5
+        transformer = transformer or model
+        t5 = t5 or model
+        vae = vae or Path(model) / "vae"
+        tr = load_transformer(transformer, dtype=dtype, device=device)
+        encoder = load_t5(t5, precision=t5_precision, device=device)
+        return cls(tr, encoder, _load_vae(vae, tr.config.latent_scale, vae_dtype, device))
+
+    @property
+    def default_sampler(self) -> str:
+        return default_sampler(self.transformer)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        num_images_per_prompt: int = 1,
+        sampler: Optional[str] = None,
+        steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        seed: int = 0,
+        binning: bool = True,
+        lcm_table: str = "diffusers",
+        clean_caption: bool = False,
+        unconditional: str = "empty",
+        init_image: Optional[torch.Tensor] = None,
+        denoise: float = 1.0,
+        callback: Optional[samplers.Callback] = None,
+        interrupt: Optional[InterruptCheck] = None,
+        output_type: str = "pil",
+    ):
+        """Generate images. output_type: "pil" (list of PIL images), "pt" ((B, 3, H, W) in [0, 1]) or "latent"
+        (the LatentResult, nothing decoded). init_image: (B or 1, 3, H, W) in [0, 1] for img2img with `denoise`."""
+        from .text_encoder import encode_prompts
+
+        cfg = self.transformer.config
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        size = cfg.bin_size
+        width, height = int(width or size), int(height or size)
+        sampler = sampler or self.default_sampler
+        spec = samplers.get_sampler(sampler)
+        scale = spec.default_guidance if guidance_scale is None else float(guidance_scale)
+        n = int(num_images_per_prompt)
+        neg = neg_mask = None
+        if scale > 1:
+            y_embedding = getattr(self.transformer.y_embedder, "y_embedding", None)
+            enc = encode_prompts(self.text_encoder, prompts, negative_prompt, max_length=cfg.text_len,
+                                 clean_caption=clean_caption, unconditional=unconditional, y_embedding=y_embedding)
+            embeds, mask = enc.embeds, enc.mask
+            # Prompt p's images are k = p*n .. p*n+n-1 (diffusers' order).
+            neg, neg_mask = enc.negative_embeds.repeat_interleave(n, 0), enc.negative_mask.repeat_interleave(n, 0)
+        else:  # no guidance (LCM): the unconditional branch is never evaluated, so T5 does not encode it
+            embeds, mask = self.text_encoder.encode(prompts, cfg.text_len, clean_caption)
+        embeds, mask = embeds.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        plan = plan_size(width, height, cfg.bin_size, binning)
+        init_latent = None
+        if init_image is not None:
+            init_latent = self.vae.encode(resize_and_crop(init_image.float(), plan.gen_width, plan.gen_height))
+        result = generate_latents(
+            self.transformer, embeds, mask, width=width, height=height,
+            negative_embeds=neg, negative_mask=neg_mask,
+            sampler=sampler, steps=steps, guidance_scale=scale, seed=seed, batch_size=len(prompts) * n,
+            binning=binning, lcm_table=lcm_table, init_latent=init_latent, denoise=denoise,
+            callback=callback, interrupt=interrupt,
+        )
+        if output_type == "latent":
+            return result
+        images = latents_to_images(self.vae, result.latents, result.plan)
+        return images if output_type == "pt" else to_pil(images)
+
+
+def _load_vae(path, latent_scale: float, dtype: torch.dtype, device):
+    from .vae import load_vae
+
+    return load_vae(path, kind="auto", dtype=dtype, device=device, latent_scale=latent_scale)

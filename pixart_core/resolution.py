@@ -1,0 +1,139 @@
+"""Resolution binning: snap a requested size to the aspect-ratio bins the model was trained on, and back.
+
+PixArt models were trained on a fixed set of sizes per aspect ratio ("bins"). The reference pipelines generate at the
+bin closest in aspect ratio to the request, take the micro-conditions (resolution, aspect ratio) from that binned size,
+then resize (bilinear) and center-crop the decoded image back to the requested size.
+
+The tables are a copy of diffusers' `ASPECT_RATIO_{256,512,1024}_BIN` (pipeline_pixart_alpha.py) and
+`ASPECT_RATIO_2048_BIN` (pipeline_pixart_sigma.py), values [height, width] in pixels, in the same key order (ties
+resolve to the first key, as in diffusers). The core keeps its own copy so it never imports diffusers pipelines at
+run time; tests check the copy equals diffusers'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PixArtError
+
+ASPECT_RATIO_256_BIN: dict[str, tuple[int, int]] = {
+    "0.25": (128, 512), "0.28": (128, 464), "0.32": (144, 448), "0.33": (144, 432), "0.35": (144, 416),
+    "0.4": (160, 400), "0.42": (160, 384), "0.48": (176, 368), "0.5": (176, 352), "0.52": (176, 336),
+    "0.57": (192, 336), "0.6": (192, 320), "0.68": (208, 304), "0.72": (208, 288), "0.78": (224, 288),
+    "0.82": (224, 272), "0.88": (240, 272), "0.94": (240, 256), "1.0": (256, 256), "1.07": (256, 240),
+    "1.13": (272, 240), "1.21": (272, 224), "1.29": (288, 224), "1.38": (288, 208), "1.46": (304, 208),
+    "1.67": (320, 192), "1.75": (336, 192), "2.0": (352, 176), "2.09": (368, 176), "2.4": (384, 160),
+    "2.5": (400, 160), "3.0": (432, 144), "4.0": (512, 128),
+}
+
+ASPECT_RATIO_512_BIN: dict[str, tuple[int, int]] = {
+    "0.25": (256, 1024), "0.28": (256, 928), "0.32": (288, 896), "0.33": (288, 864), "0.35": (288, 832),
+    "0.4": (320, 800), "0.42": (320, 768), "0.48": (352, 736), "0.5": (352, 704), "0.52": (352, 672),
+    "0.57": (384, 672), "0.6": (384, 640), "0.68": (416, 608), "0.72": (416, 576), "0.78": (448, 576),
+    "0.82": (448, 544), "0.88": (480, 544), "0.94": (480, 512), "1.0": (512, 512), "1.07": (512, 480),
+    "1.13": (544, 480), "1.21": (544, 448), "1.29": (576, 448), "1.38": (576, 416), "1.46": (608, 416),
+    "1.67": (640, 384), "1.75": (672, 384), "2.0": (704, 352), "2.09": (736, 352), "2.4": (768, 320),
+    "2.5": (800, 320), "3.0": (864, 288), "4.0": (1024, 256),
+}
+
+ASPECT_RATIO_1024_BIN: dict[str, tuple[int, int]] = {
+    "0.25": (512, 2048), "0.28": (512, 1856), "0.32": (576, 1792), "0.33": (576, 1728), "0.35": (576, 1664),
+    "0.4": (640, 1600), "0.42": (640, 1536), "0.48": (704, 1472), "0.5": (704, 1408), "0.52": (704, 1344),
+    "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216), "0.72": (832, 1152), "0.78": (896, 1152),
+    "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024), "1.0": (1024, 1024), "1.07": (1024, 960),
+    "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896), "1.38": (1152, 832), "1.46": (1216, 832),
+    "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640),
+    "2.5": (1600, 640), "3.0": (1728, 576), "4.0": (2048, 512),
+}
+
+ASPECT_RATIO_2048_BIN: dict[str, tuple[int, int]] = {
+    "0.25": (1024, 4096), "0.26": (1024, 3968), "0.27": (1024, 3840), "0.28": (1024, 3712), "0.32": (1152, 3584),
+    "0.33": (1152, 3456), "0.35": (1152, 3328), "0.4": (1280, 3200), "0.42": (1280, 3072), "0.48": (1408, 2944),
+    "0.5": (1408, 2816), "0.52": (1408, 2688), "0.57": (1536, 2688), "0.6": (1536, 2560), "0.68": (1664, 2432),
+    "0.72": (1664, 2304), "0.78": (1792, 2304), "0.82": (1792, 2176), "0.88": (1920, 2176), "0.94": (1920, 2048),
+    "1.0": (2048, 2048), "1.07": (2048, 1920), "1.13": (2176, 1920), "1.21": (2176, 1792), "1.29": (2304, 1792),
+    "1.38": (2304, 1664), "1.46": (2432, 1664), "1.67": (2560, 1536), "1.75": (2688, 1536), "2.0": (2816, 1408),
+    "2.09": (2944, 1408), "2.4": (3072, 1280), "2.5": (3200, 1280), "2.89": (3328, 1152), "3.0": (3456, 1152),
+    "3.11": (3584, 1152), "3.62": (3712, 1024), "3.75": (3840, 1024), "3.88": (3968, 1024), "4.0": (4096, 1024),
+}
+BIN_TABLES: dict[int, dict[str, tuple[int, int]]] = {
+    256: ASPECT_RATIO_256_BIN,
+    512: ASPECT_RATIO_512_BIN,
+    1024: ASPECT_RATIO_1024_BIN,
+    2048: ASPECT_RATIO_2048_BIN,
+}
+
+# Generated sizes must be whole latent patches: VAE factor 8 x patch size 2.
+SIZE_MULTIPLE = 16
+
+
+def bin_table(bin_size: int) -> dict[str, tuple[int, int]]:
+    """The table for a model's training size in pixels (PixArtConfig.bin_size: 256/512/1024/2048)."""
+    if bin_size not in BIN_TABLES:
+        raise PixArtError(f"No aspect-ratio bins for {bin_size} px models; known: {', '.join(map(str, BIN_TABLES))}. "
+                          "Turn resolution binning off for this model.")
+    return BIN_TABLES[bin_size]
+
+
+def classify_height_width_bin(height: int, width: int, table: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(height, width) of the bin whose aspect-ratio key is closest to height/width (diffusers' rule)."""
+    ar = float(height / width)
+    closest = min(table.keys(), key=lambda ratio: abs(float(ratio) - ar))
+    h, w = table[closest]
+    return int(h), int(w)
+
+
+def resize_and_crop(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Scale (B, C, H, W) images to cover width x height (bilinear, align_corners=False), then center-crop.
+
+    Same arithmetic as diffusers' `PixArtImageProcessor.resize_and_crop_tensor`; a no-op when the size already fits.
+    """
+    h, w = images.shape[2], images.shape[3]
+    if h == height and w == width:
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    images = F.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return images[:, :, top:top + height, left:left + width]
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """Where a generation happens (gen_*) and what the user gets (out_*), in pixels."""
+
+    gen_height: int
+    gen_width: int
+    out_height: int
+    out_width: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.gen_height // 8, self.gen_width // 8
+
+    @property
+    def resolution(self) -> tuple[float, float]:
+        """Micro-condition `resolution` ([height, width] of the generated size)."""
+        return float(self.gen_height), float(self.gen_width)
+
+    @property
+    def aspect_ratio(self) -> float:
+        """Micro-condition `aspect_ratio` (height / width of the generated size, as diffusers)."""
+        return float(self.gen_height / self.gen_width)
+
+
+def plan_size(width: int, height: int, bin_size: int, binning: bool = True) -> SizePlan:
+    """Decide the generation size for a request: the closest bin when binning, else the request itself."""
+    if width <= 0 or height <= 0:
+        raise PixArtError(f"width and height must be positive; got {width}x{height}.")
+    if binning:
+        gh, gw = classify_height_width_bin(height, width, bin_table(bin_size))
+        return SizePlan(gh, gw, int(height), int(width))
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        raise PixArtError(f"Without resolution binning, width and height must be multiples of {SIZE_MULTIPLE} "
+                          f"(VAE factor 8 x patch 2); got {width}x{height}. Turn binning on or pick e.g. "
+                          f"{width // SIZE_MULTIPLE * SIZE_MULTIPLE}x{height // SIZE_MULTIPLE * SIZE_MULTIPLE}.")
+    return SizePlan(int(height), int(width), int(height), int(width))
