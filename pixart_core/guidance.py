@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .controlnet import step_of_timestep
 from .errors import PixArtError
 
 
@@ -51,7 +52,9 @@ class GuidedEpsilon:
 
     embeds/mask: (B or 1, L, C) T5 embeddings and their 0/1 mask; negative_*: the unconditional branch (needed only
     when guidance_scale > 1). size: the generated [height, width] in pixels, for the micro-conditions (resolution and
-    aspect ratio = height / width, as diffusers). controls: ControlSignal callables passed through to the transformer.
+    aspect ratio = height / width, as diffusers). controls: ControlSignal callables passed through to the transformer;
+    those with a step schedule (`active(step, total)`, ControlNet start/end) are passed only at their steps, which
+    needs `timesteps`, the sampler's table (every sampler here evaluates the model once per step, at its entry).
     interrupt(): called before every model evaluation; it may raise itself (ComfyUI's interrupt does) or return True,
     which raises `Interrupted`.
     """
@@ -69,11 +72,13 @@ class GuidedEpsilon:
         guidance_scale: float = 1.0,
         controls: Optional[Sequence] = None,
         interrupt: Optional[InterruptCheck] = None,
+        timesteps: Optional[Sequence[float]] = None,
     ):
         self.model = model
         self.guidance_scale = float(guidance_scale)
         self.do_cfg = self.guidance_scale > 1.0
         self.controls = list(controls) if controls else None
+        self.timesteps = [float(t) for t in timesteps] if timesteps is not None else None
         self.interrupt = interrupt
         self.batch_size = batch_size
         self.in_channels = model.config.in_channels
@@ -110,8 +115,21 @@ class GuidedEpsilon:
             model_x = torch.cat([model_x, model_x])
             t = torch.cat([t, t])
         out = self.model(model_x, t, self.text, resolution=self.resolution, aspect_ratio=self.aspect_ratio,
-                         controls=self.controls).float()
+                         controls=self._controls_at(t)).float()
         if self.do_cfg:
             uncond, cond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
         return out[:, : self.in_channels]
+
+    def _controls_at(self, t: torch.Tensor) -> Optional[list]:
+        if not self.controls:
+            return None
+        scheduled = [c for c in self.controls if hasattr(c, "active")]
+        if not scheduled:
+            return self.controls
+        if self.timesteps is None:
+            raise PixArtError("A ControlNet with a start/end schedule needs the sampler's timesteps; pass timesteps= "
+                              "to GuidedEpsilon.")
+        step = step_of_timestep(float(t.reshape(-1)[0]), self.timesteps)
+        active = [c for c in self.controls if not hasattr(c, "active") or c.active(step, len(self.timesteps))]
+        return active or None

@@ -165,7 +165,7 @@ def generate_latents(
         batch_size=batch, size=(plan.gen_height, plan.gen_width),
         negative_embeds=None if negative_embeds is None else negative_embeds.to(device),
         negative_mask=None if negative_mask is None else negative_mask.to(device),
-        guidance_scale=guidance_scale, controls=controls, interrupt=interrupt,
+        guidance_scale=guidance_scale, controls=controls, interrupt=interrupt, timesteps=timesteps,
     )
     latents = samplers.sample(sampler, eps_fn, start_noise, ddpm_schedule(), timesteps, init_latent=init_latent,
                               noise_fn=noise_fn, callback=callback)

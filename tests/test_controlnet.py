@@ -255,8 +255,8 @@ def test_start_end_percent_switch_the_control_on_and_off(setup):
 
 
 def _sampler_trajectory(base, sampler, guidance, controls, x, y, mask):
-    """Run a real sampler through GuidedEpsilon (CFG batch [uncond, cond]) with the controls active at each step,
-    returning the latent after every step."""
+    """Run a real sampler through GuidedEpsilon (CFG batch [uncond, cond]), which switches the controls on and off by
+    their start/end, returning the latent after every step and how many controls were active at each."""
     from pixart_core.guidance import GuidedEpsilon
     from pixart_core.samplers import get_sampler, sampler_timesteps
     from pixart_core.schedule import ddpm_schedule
@@ -264,20 +264,24 @@ def _sampler_trajectory(base, sampler, guidance, controls, x, y, mask):
     timesteps = sampler_timesteps(sampler, 4)
     eps = GuidedEpsilon(base, y, mask, batch_size=x.shape[0], size=(x.shape[2] * 8, x.shape[3] * 8),
                         negative_embeds=torch.zeros_like(y[:, :2]), negative_mask=torch.ones(y.shape[0], 2),
-                        guidance_scale=guidance)
+                        guidance_scale=guidance, controls=controls, timesteps=timesteps)
     seen = []
+    passed_to_model = base.forward
 
-    def eps_fn(xt, t):
-        step = step_of_timestep(t[0], timesteps)
-        eps.controls = controls_at_step(controls, step, len(timesteps)) or None
-        seen.append(len(eps.controls or []))
-        return eps(xt, t)
+    def counting_forward(*args, controls=None, **kw):
+        seen.append(len(controls or []))
+        return passed_to_model(*args, controls=controls, **kw)
 
+    base.forward = counting_forward
+    eps_fn = eps
     g = torch.Generator().manual_seed(7)
     trajectory = []
-    get_sampler(sampler).fn(eps_fn, x.clone(), ddpm_schedule(), timesteps,
-                            noise_fn=lambda like: torch.randn(like.shape, generator=g),
-                            callback=lambda i, n, xi, x0: trajectory.append(xi.clone()))
+    try:
+        get_sampler(sampler).fn(eps_fn, x.clone(), ddpm_schedule(), timesteps,
+                                noise_fn=lambda like: torch.randn(like.shape, generator=g),
+                                callback=lambda i, n, xi, x0: trajectory.append(xi.clone()))
+    finally:
+        del base.forward  # back to the class method
     return trajectory, seen
 
 
