@@ -8,9 +8,11 @@ latent_preview. Outside ComfyUI (tests, scripts) the same calls work on a models
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -72,7 +74,15 @@ def list_models(folder: str) -> list[str]:
     else:
         names = []
         for root in folder_dirs(folder):
-            for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            seen: set[str] = set()
+            for dirpath, dirs, files in os.walk(root, followlinks=True):
+                # A symlinked folder that leads back up the tree would be walked forever (two such links double
+                # the listing at every level): every real folder is walked once.
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
                 for f in files:
                     rel = os.path.relpath(os.path.join(dirpath, f), root)
                     names.append(rel.replace(os.sep, "/"))
@@ -88,22 +98,55 @@ def list_models_in(folders: Iterable[str]) -> list[str]:
 
 
 def model_path(folders: str | Iterable[str], name: str, what: str) -> str:
-    """The full path of a model file, or a PixArtError telling the user where to put it."""
+    """The full path of a model file, or a PixArtError telling the user where to put it.
+
+    Only a name that ComfyUI's file list of these folders shows may load: the name arrives from the /prompt API, where
+    anyone who can reach the server can send "../../etc/passwd" or an absolute path. (A node that names its file input
+    in VALIDATE_INPUTS switches off ComfyUI's own "value not in list" check, so this is the check.)"""
     folders = [folders] if isinstance(folders, str) else list(folders)
-    for folder in folders:
-        if IN_COMFYUI:
-            path = _folder_paths.get_full_path(folder, name)
-        else:
-            path = next((os.path.join(d, name) for d in folder_dirs(folder) if os.path.isfile(os.path.join(d, name))),
-                        None)
-        if path:
-            return path
     places = " or ".join(f"models/{f}" for f in folders)
-    searched = "; ".join(d for f in folders for d in folder_dirs(f))
-    raise PixArtError(
-        f"{what} '{name}' was not found in {places} (searched: {searched}). Put the file there and press R in the "
-        f"ComfyUI page to refresh the list, or pick another file in the node."
-    )
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise PixArtError(f"{what}: no file name was given ({name!r}). Pick a file from {places} in the node.")
+    if name not in list_models_in(folders):
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise PixArtError(f"{what} '{name}' is refused: only files listed from {places} can be loaded (no "
+                              "absolute paths or '..'). Put the file in that folder and pick it in the node.")
+        searched = "; ".join(d for f in folders for d in folder_dirs(f))
+        raise PixArtError(
+            f"{what} '{name}' was not found in {places} (searched: {searched}). Put the file there and press R in "
+            f"the ComfyUI page to refresh the list, or pick another file in the node."
+        )
+    for folder in folders:
+        candidates = ([_folder_paths.get_full_path(folder, name)] if IN_COMFYUI
+                      else [os.path.join(d, name) for d in folder_dirs(folder)])
+        for path in candidates:
+            if path and os.path.isfile(path):
+                return path
+            if path and os.path.islink(path):
+                raise PixArtError(f"{what} '{name}' in {places} is a symbolic link that leads nowhere (a broken link "
+                                  "or a loop of links). Replace it with the file itself or a link to it.")
+    raise PixArtError(f"{what} '{name}' is listed in {places} but could not be opened; press R in the ComfyUI page "
+                      "to refresh the list.")
+
+
+@contextmanager
+def about_file(what: str, name: str) -> Iterator[None]:
+    """Errors raised while loading a file name it, so the message on the node says which file is at fault."""
+    try:
+        yield
+    except PixArtError as exc:
+        if os.path.basename(name) in str(exc):
+            raise
+        raise PixArtError(f"{what} '{name}': {exc}") from exc
+
+
+def validate_model_name(folders: str | Iterable[str], name: str, what: str) -> bool | str:
+    """For VALIDATE_INPUTS: True, or the message saying what is wrong with the file name and what to do."""
+    try:
+        model_path(folders, name, what)
+    except PixArtError as exc:
+        return str(exc)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- devices, dtypes
@@ -204,6 +247,62 @@ def load(models: Iterable[ManagedModel], memory_required: int = 0) -> None:
         return
     for m in models:
         m.module.to(m.load_device)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a backend's RuntimeError saying the same (MPS, ROCm, older torch)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def free_cached_memory(collect: bool = True) -> None:
+    """After an out-of-memory error: give the allocator's cached blocks back before a lower-memory retry
+    (collect=False skips the garbage collection, which takes a while in a big process, on repeated retries)."""
+    if collect:
+        gc.collect()
+    if IN_COMFYUI:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_release_callbacks: list[Callable[[], None]] = []
+
+
+def on_memory_release(callback: Callable[[], None]) -> None:
+    """Call `callback` whenever ComfyUI is asked to free memory (and on `release_memory()` outside ComfyUI)."""
+    if callback not in _release_callbacks:
+        _release_callbacks.append(callback)
+    if IN_COMFYUI:
+        hook_unload_all_models(_mm)
+
+
+def release_memory() -> None:
+    """Run the release callbacks (what ComfyUI's unload_all_models triggers), then collect the garbage."""
+    for callback in list(_release_callbacks):
+        try:
+            callback()
+        except Exception as exc:  # freeing memory must never fail the request that asked for it
+            log.warning("PixArt-δ: releasing cached models failed (%s)", exc)
+    free_cached_memory()
+
+
+def hook_unload_all_models(mm) -> None:
+    """Make `mm.unload_all_models()` (model_management's; run by POST /free and the Unload buttons) also release
+    this pack's caches. ComfyUI has no event for it, so the function is wrapped once; if it is missing nothing
+    happens."""
+    original = getattr(mm, "unload_all_models", None)
+    if original is None or getattr(original, "_pixart_delta_release", False):
+        return
+
+    def unload_all_models(*args, **kwargs):
+        result = original(*args, **kwargs)
+        release_memory()
+        return result
+
+    unload_all_models._pixart_delta_release = True
+    unload_all_models.__wrapped__ = original
+    mm.unload_all_models = unload_all_models
 
 
 # ----------------------------------------------------------------------------------------------- progress, cancel

@@ -78,7 +78,8 @@ class PixArtDeltaControlNetLoader:
             return ControlNet(bridge.ManagedModel(module, load_device, offload_device), controlnet_name,
                               module.info.summary())
 
-        return (model_cache.CONTROLNETS.get_or_load(key, load_new),)
+        with bridge.about_file("ControlNet file", controlnet_name):
+            return (model_cache.CONTROLNETS.get_or_load(key, load_new),)
 
 
 class PixArtDeltaControlNetApply:
@@ -150,6 +151,7 @@ class PixArtDeltaHEDPreprocessor:
         path = bridge.model_path(FOLDER, hed_name, "HED weights file")
         device = bridge.compute_device()
         key = (model_cache.file_identity(path), str(device))
-        detector = model_cache.ANNOTATORS.get_or_load(key, lambda: load_hed(path, device=device))
+        with bridge.about_file("HED weights file", hed_name):
+            detector = model_cache.ANNOTATORS.get_or_load(key, lambda: load_hed(path, device=device))
         edges = detector(image)  # (B, 1, H, W) in [0, 1]
         return (to_comfy_image(edges.expand(-1, 3, -1, -1)).to(bridge.intermediate_device()),)

@@ -8,6 +8,7 @@ with previews and stops at the next model evaluation when Cancel is pressed.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -29,16 +30,35 @@ _CONTROL = (CONTROL, {"tooltip": "Optional ControlNet guidance from PixArt-δ Ap
 
 
 def _size_from_latent(latent: dict) -> tuple[int, int, int]:
-    samples = latent["samples"]
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise PixArtError("The latent input holds no 'samples' tensor; connect a LATENT from Empty Latent, a "
+                          "sampler or a VAE Encode.")
     if samples.ndim != 4:
         raise PixArtError(f"The latent has shape {tuple(samples.shape)}; PixArt takes image latents (batch, 4, h, w).")
+    if samples.shape[1] != 4:
+        raise PixArtError(f"The latent has {samples.shape[1]} channels (shape {tuple(samples.shape)}); PixArt uses the "
+                          "4-channel SD / SDXL VAE latent. Connect a latent made for SD/SDXL-family models (e.g. "
+                          "PixArt-δ Empty Latent), not one from an SD3/Flux/video model.")
+    if samples.shape[0] == 0:
+        raise PixArtError("The latent batch is empty (0 images); make it with a batch size of at least 1.")
     return samples.shape[-1] * 8, samples.shape[-2] * 8, samples.shape[0]
+
+
+def _out_of_memory_error(what: str, width: int, height: int, batch_size: int) -> PixArtError:
+    return PixArtError(
+        f"Out of memory while {what} at {width}x{height} px (batch {batch_size}). Lower the batch size or the size "
+        "(then upscale), load the transformer with precision fp16/bf16 or int8, or close other models; on the CPU, "
+        "free some RAM.")
 
 
 def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
                 latent: dict | None, control) -> dict:
-    """The one core call both sampler nodes make, with ComfyUI's progress, preview and Cancel hooked in."""
+    """The one core call both sampler nodes make, with ComfyUI's progress, preview and Cancel hooked in.
+
+    Out of memory with a batch of several images: the images are sampled one at a time instead (image k of a batch
+    uses seed + k, so the result is the same); with one image it is a PixArtError saying what to lower."""
     if conditioning.embeds.shape[-1] != model.config.caption_channels:
         raise PixArtError(f"The conditioning has {conditioning.embeds.shape[-1]} channels but this model reads "
                           f"{model.config.caption_channels}: encode the prompt with the T5 v1.1 XXL encoder.")
@@ -49,20 +69,56 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
     init_latent = None
     if latent is not None and denoise < 1.0:
         init_latent = latent["samples"].float() * scale  # ComfyUI latents are raw VAE latents; the model's are scaled
+        if not torch.isfinite(init_latent).all():
+            raise PixArtError("The input latent contains NaN or Inf values (a sampler upstream diverged, or the image "
+                              "it was encoded from was broken). Make the latent again, or set denoise to 1 to use only "
+                              "its size.")
+    for c in control or ():
+        if c.image.shape[0] not in (1, batch_size):
+            raise PixArtError(f"The ControlNet image batch has {c.image.shape[0]} images but the sampler makes "
+                              f"{batch_size}; give one control image (used for every image) or one per image.")
     bridge.load([model.managed] + managed_models(control))
-    controls = bind_controls(control, transformer, width, height) if control else None
     progress = bridge.sampling_progress(model.config.family, transformer.device)
-    result = generate_latents(
-        transformer, conditioning.embeds, conditioning.mask,
-        negative_embeds=conditioning.negative_embeds, negative_mask=conditioning.negative_mask,
-        width=width, height=height, sampler=sampler, steps=steps, guidance_scale=guidance, seed=seed,
-        batch_size=batch_size, binning=False, init_latent=init_latent, denoise=denoise, controls=controls,
-        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-        interrupt=bridge.check_interrupted,
-    )
+
+    def generate(first: int, count: int) -> torch.Tensor:
+        """Images first .. first+count-1 of the batch (their seeds, start latents and control images)."""
+        controls = None
+        if control:
+            part = tuple(replace(c, image=c.image[first:first + count]) if c.image.shape[0] > 1 else c
+                         for c in control)
+            controls = bind_controls(part, transformer, width, height)
+        start = init_latent
+        if start is not None and start.shape[0] > 1:
+            start = start[first:first + count]
+        return generate_latents(
+            transformer, conditioning.embeds, conditioning.mask,
+            negative_embeds=conditioning.negative_embeds, negative_mask=conditioning.negative_mask,
+            width=width, height=height, sampler=sampler, steps=steps, guidance_scale=guidance,
+            seed=(seed + first) % (MAX_SEED + 1), batch_size=count, binning=False, init_latent=start, denoise=denoise,
+            controls=controls, callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
+            interrupt=bridge.check_interrupted,
+        ).latents
+
+    try:
+        latents = generate(0, batch_size)
+    except Exception as exc:
+        if not bridge.is_out_of_memory(exc):
+            raise
+        bridge.free_cached_memory()
+        if batch_size == 1:
+            raise _out_of_memory_error("sampling", width, height, batch_size) from exc
+        log.warning("PixArt-δ: out of memory sampling %d images at %dx%d at once; sampling them one at a time "
+                    "(same images, less memory).", batch_size, width, height)
+        try:
+            latents = torch.cat([generate(k, 1) for k in range(batch_size)])
+        except Exception as exc2:
+            if not bridge.is_out_of_memory(exc2):
+                raise
+            bridge.free_cached_memory()
+            raise _out_of_memory_error("sampling one image at a time", width, height, 1) from exc2
     out = dict(latent) if latent is not None else {}
     out.pop("noise_mask", None)
-    out["samples"] = (result.latents / scale).to(bridge.intermediate_device(), torch.float32)
+    out["samples"] = (latents / scale).to(bridge.intermediate_device(), torch.float32)
     return out
 
 

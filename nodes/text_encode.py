@@ -68,7 +68,8 @@ class PixArtDeltaT5Loader:
                               tokenizer_fallbacks=[tokenizer] if tokenizer else [])
             return TextEncoder(bridge.ManagedModel(encoder, load_device, offload_device), t5_name, precision)
 
-        return (model_cache.TEXT_ENCODERS.get_or_load(key, load_new),)
+        with bridge.about_file("T5 encoder file", t5_name):
+            return (model_cache.TEXT_ENCODERS.get_or_load(key, load_new),)
 
 
 class PixArtDeltaT5TextEncode:

@@ -120,7 +120,8 @@ class PixArtDeltaTransformerLoader:
             summary = module.detection.summary()
             return PixArtModel(managed=managed, config=module.config, name=model_name, summary=summary)
 
-        model = model_cache.TRANSFORMERS.get_or_load(key, load_new)
+        with bridge.about_file("Transformer file", model_name):
+            model = model_cache.TRANSFORMERS.get_or_load(key, load_new)
         info = describe_detection(model_name, model.summary, precision, dtype)
         log.info("PixArt-δ transformer loaded:\n%s", info)
         return (model, info)

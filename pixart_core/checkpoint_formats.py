@@ -141,23 +141,51 @@ def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dt
     return out
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+# Pickle opcodes that import or call something (INST, OBJ, REDUCE, BUILD, NEWOBJ, NEWOBJ_EX, EXT1-4): a file the
+# weights-only reader stops at one of these is refused as unsafe; any other unknown byte means a damaged file.
+_CODE_OPCODES = {ord(c) for c in "ioRb"} | {0x81, 0x92, 0x82, 0x83, 0x84}
+
+
+def _refusal_or_damage(path: Path, e: pickle.UnpicklingError) -> PixArtError:
+    """weights_only=True raises UnpicklingError both for a pickle that asks for code (a GLOBAL outside the tensor
+    allow-list) and for bytes that are no pickle at all; the user needs a different message for each."""
+    text = str(e)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if "GLOBAL" in text or "Unsupported global" in text or (operand and int(operand.group(1)) in _CODE_OPCODES):
+        return PixArtError(
+            f"Refused to open {path.name}: it contains pickled objects other than tensors, which could run code on "
+            "this machine. Use the .safetensors release of this model, or convert the file in a trusted environment."
+        )
+    return PixArtError(f"{path.name} is not a readable PyTorch checkpoint (it is damaged, truncated or another kind "
+                       "of file with a .pth/.pt/.ckpt/.bin name). Download it again.")
+
+
+def safe_torch_load(path: str | os.PathLike) -> object:
+    """torch.load with weights_only=True (memory-mapped when the format allows): a pickle that would run code is
+    refused, never executed, and every failure is a PixArtError naming the file."""
+    path = Path(path)
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e).lower() and "zip" not in str(e).lower():
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        raise PixArtError(
-            f"Refused to open {path.name}: it contains pickled objects other than tensors, which could run code on "
-            "this machine. Use the .safetensors release of this model, or convert the file in a trusted environment."
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise PixArtError(f"Could not read {path.name} as a PyTorch checkpoint ({e}). It may be damaged or truncated; "
-                          "download it again.") from e
+        raise _refusal_or_damage(path, e) from e
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
+        text = str(e)
+        # torch's reader errors are long and about its internals; the user needs only what it means
+        reason = ("its zip archive is cut short or damaged" if "zip archive" in text or "central directory" in text
+                  else "it ends too early" if isinstance(e, EOFError) else text.splitlines()[0][:160] if text
+                  else type(e).__name__)
+        raise PixArtError(f"Could not read {path.name} as a PyTorch checkpoint ({reason}). It may be damaged or "
+                          "truncated; download it again.") from e
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    obj = safe_torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):

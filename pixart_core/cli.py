@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,10 +120,22 @@ def _generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     for k, (img, path) in enumerate(zip(images, paths)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
+        save_png_atomically(img, path)
         print(f"{path} (seed {args.seed + k}, {img.width}x{img.height})")
     return 0
+
+
+def save_png_atomically(img, path: Path) -> None:
+    """Write to a temporary file beside the target, then rename: a failure (disk full, Ctrl-C) never leaves a
+    half-written PNG under the output name, and an existing file is replaced only by a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        img.save(partial, format="PNG")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _describe(args: argparse.Namespace) -> int:

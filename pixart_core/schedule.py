@@ -80,6 +80,10 @@ def lcm_timesteps(steps: int, table: str = "diffusers", strength: float = 1.0,
         raise PixArtError(f"Unknown LCM timestep table {table!r}; use one of {', '.join(LCM_TABLES)}.")
     k = NUM_TRAIN_TIMESTEPS // original_steps
     skeleton = np.arange(1, int(original_steps * strength) + 1) * k - 1
+    if len(skeleton) == 0:
+        raise PixArtError(
+            f"denoise {strength:g} is too low for LCM: one step needs denoise >= {1 / original_steps:g} "
+            f"({original_steps} distillation steps). Raise denoise, or use another sampler for very light changes.")
     if steps < 1 or len(skeleton) < steps:
         raise PixArtError(
             f"LCM can take 1 to {len(skeleton)} steps at denoise {strength:g} "

@@ -80,7 +80,7 @@ def locate_t5(path: str | Path) -> T5Source:
                 f"'{p.name}' is a GGUF file. This loader reads safetensors; use a t5xxl .safetensors "
                 "(fp16, bf16 or fp32) or the diffusers text_encoder folder."
             )
-        if p.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+        if p.suffix.lower() not in (".safetensors", ".sft", ".bin", ".pt", ".pth"):
             raise PixArtError(f"'{p.name}' is not a T5 weight file; expected .safetensors (or .bin).")
         if _listed_in_shard_index(p):  # one shard of a sharded folder: the folder is the model
             return locate_t5(p.parent)
@@ -159,7 +159,7 @@ class TensorReader:
 
         handles, stored = [], {}
         for i, f in enumerate(files):
-            if f.suffix == ".safetensors":
+            if f.suffix.lower() in (".safetensors", ".sft"):
                 try:
                     h = safe_open(str(f), framework="pt", device="cpu")
                 except Exception as e:  # safetensors raises its own error types for a bad header
@@ -201,12 +201,15 @@ class TensorReader:
 
 
 def _torch_load(f: Path) -> dict:
-    try:
-        return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        return torch.load(str(f), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PixArtError(f"Cannot read '{f}' as a PyTorch checkpoint ({e}).") from e
+    """A pickled T5 checkpoint, opened with weights_only=True (code in the pickle is refused, never run)."""
+    from .checkpoint_formats import safe_torch_load
+
+    state = safe_torch_load(f)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PixArtError(f"'{f.name}' holds no state dict of tensors; it is not a T5 checkpoint.")
+    return state
 
 
 def _normalise_names(stored: dict[str, int], files: Sequence[Path]) -> dict[str, tuple[int, str]]:

@@ -316,6 +316,8 @@ def _warn_truncation(tokenizer, texts: Sequence[str], max_length: int) -> None:
         if len(ids) > max_length:
             cut = len(ids) - max_length
             removed = tokenizer.decode(ids[max_length - 1 : -1])
+            if len(removed) > 200:  # a pasted novel must not flood the server log
+                removed = removed[:200] + f"... ({len(removed) - 200} more characters)"
             logger.warning(
                 "Prompt %d is %d tokens long but the model reads %d: the last %d tokens were cut: '%s'",
                 i + 1, len(ids), max_length, cut, removed,
