@@ -110,9 +110,11 @@ class PixArtDeltaTransformerLoader:
 
         def load_new() -> PixArtModel:
             if precision == "int8":
-                from pixart_core.quantize import load_transformer_int8
+                from pixart_core.quantize import quantize_transformer
 
-                module = load_transformer_int8(path, compute_dtype=dtype, device=load_device, overrides=overrides)
+                # layer by layer after the load: the extra memory while converting is one Linear
+                module = quantize_transformer(load_transformer(path, dtype=dtype, device=load_device,
+                                                               overrides=overrides), "int8")
                 managed = bridge.ManagedModel(module, load_device, load_device)  # 8-bit weights stay where built
             else:
                 module = load_transformer(path, dtype=dtype, device=offload_device, overrides=overrides)
