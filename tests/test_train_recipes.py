@@ -1,0 +1,192 @@
+"""Shortened PixArt-nano training recipes (a few steps each, tiny models): the losses fall, the recipes keep the
+invariants of PixArt-δ (zero-initialised ControlNet = base model, LCM student starts as the teacher), and what the
+build writes loads back through the project's loaders with the same numbers (checked against diffusers too)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pixart_core.train import caption_checker, common, data
+from pixart_core.train.common import LatentPool, TrainSchedule
+from pixart_core.train.controlnet_train import ControlNetTrainConfig, HintPool, controlnet_from_base, train_controlnet
+from pixart_core.train.lcm_distill import LCMConfig, boundary_scalings, lcm_distill
+from pixart_core.train.pretrain import PretrainConfig, VPredictionAsEpsilon, pretrain
+from pixart_core.train.tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
+from pixart_core.train.vae_train import VAETrainConfig, rescale_latents, train_vae
+from pixart_core.transformer import PixArtTransformer
+
+T5_WIDTH = 32
+
+
+def _falls(losses: list[float], k: int = 5) -> bool:
+    return float(np.mean(losses[-k:])) < float(np.mean(losses[:k]))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = save_tokenizer(build_tokenizer(data.VOCABULARY), tmp_path_factory.mktemp("tok"))
+    return folder, load_hf_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Latents of a handful of scenes through a small untrained VAE (the recipes do not care what the VAE is)."""
+    torch.manual_seed(0)
+    vae = common.build_vae(0).eval()
+    scenes = data.make_scenes(3, 32)
+    images, captions = data.batch(scenes)
+    edges, _ = data.batch(scenes, edges=True)
+    with torch.no_grad():
+        rescale_latents(vae, images)
+        img = common.encode_pool(vae, images, captions, 0.18215)
+        hint = common.encode_pool(vae, edges, captions, 0.18215)
+    return img, HintPool(img, hint)
+
+
+def _tiny_model(seed=0) -> PixArtTransformer:
+    cfg = common.nano_transformer_config(T5_WIDTH, hidden=64, depth=2, heads=1)
+    model = PixArtTransformer(cfg)
+    common.init_pixart_weights(model, seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pretrained(tokenizer, pool):
+    _, tok = tokenizer
+    t5 = common.build_t5(len(tok), 0, d_model=T5_WIDTH)
+    result = pretrain(_tiny_model(), t5, tok, pool[0],
+                      PretrainConfig(steps=40, batch_size=16, lr=2e-3, warmup=5, ema_decay=0.9), log_every=0)
+    return result
+
+
+def test_dataset_is_deterministic_and_checker_agrees_with_ground_truth():
+    a, b = data.make_scenes(7, 20), data.make_scenes(7, 20)
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert np.array_equal(data.render(a[3]), data.render(b[3]))
+    img = data.render(a[0])
+    assert img.shape == (64, 64, 3) and 0 < len(np.unique(img.round(2))) > 3  # antialiased edges
+    ok = caption_checker.validate_on_ground_truth(seed=5, count=40)
+    assert ok["colour"] == ok["position"] == ok["shape"] == ok["two_object_both"] == 1.0
+    # the checker must also say no: same pictures, wrong shape / colour / relation in the caption
+    scenes = caption_checker.evaluation_scenes(9, 20)
+    wrong = []
+    for s in scenes:
+        o = s.objects[0]
+        o2 = data.SceneObject("circle" if o.shape != "circle" else "square", o.colour, 0, 0, 0)
+        fake = data.Scene([o2] + s.objects[1:], position=s.position, relation=s.relation)
+        wrong.append(caption_checker.check(data.render(s), data.caption_of(fake)).shape)
+    assert not any(wrong)
+    flipped = {"above": "below", "below": "above", "to the left of": "to the right of",
+               "to the right of": "to the left of"}
+    pair = next(s for s in scenes if s.relation)
+    fake = data.Scene(pair.objects, relation=flipped[pair.relation])
+    assert caption_checker.check(data.render(pair), data.caption_of(fake)).position is False
+
+
+def test_tokenizer_loads_through_the_project_t5_path(tokenizer):
+    from pixart_core.t5_loading import load_tokenizer
+
+    folder, _ = tokenizer
+    tok = load_tokenizer(folder)
+    enc = tok(["A red circle above a blue square", "a zebra"], padding="max_length", max_length=12,
+              truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids = enc.input_ids
+    assert ids[0, 7] == tok.convert_tokens_to_ids("</s>") == 1 and ids[0, 8:].eq(0).all()
+    assert enc.attention_mask[0].sum() == 8
+    assert ids[1, 1] == tok.convert_tokens_to_ids("<unk>") == 2
+
+
+def test_vae_recipe_loss_falls():
+    result = train_vae(VAETrainConfig(steps=10, batch_size=4, lr=3e-3, warmup=2, rescale_samples=8), log_every=0)
+    assert _falls(result.losses, 3)
+
+
+def test_pretrain_loss_falls_and_v_prediction_option(pretrained, tokenizer, pool):
+    assert _falls(pretrained.losses)
+    assert not torch.equal(pretrained.model.y_embedder.y_embedding, torch.zeros_like(pretrained.model.y_embedder.y_embedding))
+    # v-prediction: a few steps also train, and the wrapper turns v back into epsilon exactly
+    _, tok = tokenizer
+    t5 = common.build_t5(len(tok), 1, d_model=T5_WIDTH)
+    res = pretrain(_tiny_model(1), t5, tok, pool[0], PretrainConfig(steps=25, batch_size=16, lr=2e-3, warmup=5,
+                                                                    prediction="v"), log_every=0)
+    assert _falls(res.losses)
+    sched = TrainSchedule()
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 700])
+    xt = sched.add_noise(x0, noise, t)
+    assert torch.allclose(sched.eps_from_v(xt, sched.v_target(x0, noise, t), t), noise, atol=1e-4)
+    wrapped = VPredictionAsEpsilon(res.model)
+    text = res.model.prepare_text(torch.randn(2, 5, T5_WIDTH))
+    v = res.model(xt, t.float(), text)[:, :4]
+    assert torch.allclose(wrapped(xt, t.float(), text)[:, :4], sched.eps_from_v(xt, v, t), atol=1e-5)
+
+
+def test_lcm_distillation_loss_falls(pretrained, tokenizer, pool):
+    _, tok = tokenizer
+    c_skip, c_out = boundary_scalings(torch.tensor([0, 259]))
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0 and abs(c_out[1].item() - 1) < 1e-6
+    result = lcm_distill(pretrained.model, pretrained.text_encoder, tok, pool[0],
+                         LCMConfig(steps=20, batch_size=8, lr=1e-3, warmup=3), log_every=0)
+    assert _falls(result.losses)
+    # the teacher is untouched
+    assert all(not p.requires_grad for p in pretrained.model.parameters())
+
+
+def test_controlnet_starts_as_the_base_and_loss_falls(pretrained, tokenizer, pool):
+    _, tok = tokenizer
+    base = pretrained.model
+    cn = controlnet_from_base(base, 1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0])
+    text = base.prepare_text(torch.randn(2, 6, T5_WIDTH))
+    hint = torch.randn(2, 4, 8, 8)
+    plain = base(x, t, text)
+    assert torch.equal(base(x, t, text, controls=[cn.bind(base, hint)]), plain)  # zero-initialised projections
+    result = train_controlnet(base, pretrained.text_encoder, tok, pool[1],
+                              ControlNetTrainConfig(steps=25, batch_size=16, lr=2e-3, warmup=3), log_every=0)
+    assert _falls(result.losses)
+    trained = result.controlnet
+    assert not torch.equal(base(x, t, text, controls=[trained.bind(base, hint)]), plain)
+    assert torch.equal(base(x, t, text, controls=[trained.bind(base, hint, strength=0.0)]), plain)
+
+
+def test_export_layouts_load_back_through_the_loaders(pretrained, tokenizer, tmp_path):
+    from pixart_core.checkpoint import load_transformer
+    from pixart_core.controlnet import load_controlnet
+    from pixart_core.text_encoder import load_t5
+    from pixart_core.train.export import save_controlnet, save_original_transformer, save_pipeline, to_diffusers
+
+    folder, _ = tokenizer
+    model, t5 = pretrained.model, pretrained.text_encoder
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 3.0])
+    y = torch.randn(2, 7, T5_WIDTH)
+    ref = model(x, t, model.prepare_text(y))
+    # the reference implementation on the converted weights
+    dm = to_diffusers(model)
+    with torch.no_grad():
+        out = dm(x, encoder_hidden_states=y, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+                 ).sample
+    assert (out - ref).abs().max() < 1e-4
+
+    vae = common.build_vae(0).eval()
+    save_pipeline(tmp_path / "pipe", model, t5, folder, vae, dtype=None)
+    save_original_transformer(model, tmp_path / "base.safetensors", dtype=None)
+    cn = controlnet_from_base(model, 1)
+    save_controlnet(cn, tmp_path / "cn.safetensors", dtype=None)
+    from_folder = load_transformer(tmp_path / "pipe")
+    from_file = load_transformer(tmp_path / "base.safetensors")
+    assert from_folder.config.family == from_file.config.family == "alpha"
+    assert from_file.config.sample_size == from_folder.config.sample_size == 8
+    for loaded in (from_folder, from_file):
+        assert (loaded(x, t, loaded.prepare_text(y)) - ref).abs().max() < 1e-5
+    assert torch.equal(from_file.y_embedder.y_embedding, model.y_embedder.y_embedding)
+    assert load_controlnet(tmp_path / "cn.safetensors").num_copies == 1
+    enc = load_t5(tmp_path / "pipe", precision="fp32")
+    embeds, mask = enc.encode(["a red circle on the left"], 120)
+    tok = load_hf_tokenizer(folder)
+    ids = tok(["a red circle on the left"], return_tensors="pt")
+    with torch.no_grad():
+        direct = t5(ids.input_ids)[0]
+    n = int(mask.sum())
+    assert n == ids.input_ids.shape[1] and (embeds[0, :n] - direct[0]).abs().max() < 1e-5
