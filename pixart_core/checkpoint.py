@@ -93,6 +93,14 @@ def variant_name(c: PixArtConfig) -> str:
     return f"{name} {depth} {size}{ms}"
 
 
+def guess_num_heads(hidden: int, what: str) -> int:
+    """The head count of a width the weights cannot explain: the XL-2 head width (72) if it divides, else 64."""
+    for head_width in (72, 64):
+        if hidden % head_width == 0:
+            return hidden // head_width
+    raise PixArtError(f"Cannot tell the attention head count of a width-{hidden} {what}; pass num_heads.")
+
+
 def _check_foreign(keys: list[str]) -> None:
     for prefixes, what, fix in _FOREIGN_SIGNATURES:
         hits = sum(1 for k in keys if k.startswith(prefixes))
@@ -184,12 +192,7 @@ def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides:
     if heads is None and hidden == 1152:
         heads = 16  # every released PixArt (XL-2, the 900M community models, ControlNet bases)
     if heads is None:
-        if hidden % 72 == 0:
-            heads = hidden // 72
-        elif hidden % 64 == 0:
-            heads = hidden // 64
-        else:
-            raise PixArtError(f"Cannot tell the attention head count of a width-{hidden} model; pass num_heads.")
+        heads = guess_num_heads(hidden, "model")
         assumed.append(f"num_heads={heads} (head width {hidden // heads})")
 
     # Family: micro-conditions only exist in α; 300 null tokens mean Σ; config.json of Σ has interpolation_scale.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import BASE_PREFIX, detect, load_transformer
+from .checkpoint import BASE_PREFIX, detect, guess_num_heads, load_transformer
 from .checkpoint_formats import StateDictSource, block_key_plan, materialise, open_checkpoint
 from .config import ALPHA, LATENT_SCALE, SIGMA
 from .errors import PixArtError
@@ -347,12 +347,7 @@ def detect_controlnet(
                       {k: v for k, v in {"num_heads": num_heads, "family": family}.items() if v is not None})
     heads = num_heads or (base.config.num_heads if base else None) or (file_config or {}).get("num_attention_heads")
     if heads is None:
-        if hidden % 72 == 0:
-            heads = hidden // 72
-        elif hidden % 64 == 0:
-            heads = hidden // 64
-        else:
-            raise PixArtError(f"Cannot tell the attention head count of a width-{hidden} ControlNet; pass num_heads.")
+        heads = guess_num_heads(hidden, "ControlNet")
         assumed.append(f"num_heads={heads} (head width {hidden // heads})")
     if family is None:
         if base is not None:
