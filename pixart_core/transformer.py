@@ -11,14 +11,14 @@ through one kernel (attention.py, torch's scaled_dot_product_attention by defaul
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, gelu_linear
 from .config import PixArtConfig
 from .errors import PixArtError
 
@@ -150,7 +150,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(dim_hidden, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_linear(x, self.fc1))
 
 
 class PixArtBlock(nn.Module):
@@ -166,13 +166,20 @@ class PixArtBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))
 
     def forward(
-        self, x: torch.Tensor, t0: torch.Tensor, text: TextConditioning, grid_hw: tuple[int, int]
+        self, x: torch.Tensor, t0: torch.Tensor, text: TextConditioning, grid_hw: tuple[int, int],
+        cross_attn_hook: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """cross_attn_hook(compute) -> the cross-attention output to use; it may call compute() or reuse an earlier
+        result (T-GATE step caching)."""
         # t0: (B, 6, D), the shared adaLN projection of the timestep
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t0).chunk(6, dim=1)
-        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, grid_hw)
-        x = x + self.cross_attn(x, text)
-        x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        # addcmul = x + a * b in one pass: on the CPU these elementwise passes cost as much as a small matmul
+        x = torch.addcmul(x, gate_msa, self.attn(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), grid_hw))
+        if cross_attn_hook is None:
+            x = x + self.cross_attn(x, text)
+        else:
+            x = x + cross_attn_hook(lambda: self.cross_attn(x, text))
+        x = torch.addcmul(x, gate_mlp, self.mlp(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)))
         return x
 
 
@@ -182,7 +189,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        # contiguous: otherwise every later op inherits the conv's channels-first layout (a transposing copy per linear)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
 
 
 class ScalarEmbedder(nn.Module):
@@ -361,10 +369,13 @@ class PixArtTransformer(nn.Module):
         aspect_ratio: torch.Tensor | None = None,
         controls: Sequence[ControlSignal] | None = None,
         block_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+        cross_attn_hook: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latent -> (B, out_channels, H, W); channels 0-3 are epsilon.
 
-        block_hook(i, x) may return a tensor to skip block i (step caching); it is called before every block.
+        Step caching (step_cache.py): block_hook(i, x) may return a tensor to skip block i; it is called before every
+        block, and once more with i = depth after the last one (a returned tensor replaces the blocks' output).
+        cross_attn_hook(i, compute) returns block i's cross-attention output (compute() runs the layer).
         """
         self.check_latent(x)
         c = self.config
@@ -382,9 +393,16 @@ class PixArtTransformer(nn.Module):
             if residuals is not None and 0 < i <= len(residuals):
                 h = h + residuals[i - 1]
             cached = block_hook(i, h) if block_hook is not None else None
-            h = cached if cached is not None else block(h, t0, text, (gh, gw))
+            if cached is not None:
+                h = cached
+            elif cross_attn_hook is None:
+                h = block(h, t0, text, (gh, gw))
+            else:
+                h = block(h, t0, text, (gh, gw), functools.partial(cross_attn_hook, i))
             if i == 0 and controls:
                 residuals = self._control_residuals(controls, h, t0, text, (gh, gw))
+        after = block_hook(len(self.blocks), h) if block_hook is not None else None
+        h = after if after is not None else h
 
         h = self.final_layer(h, t)  # (B, N, p*p*C_out); the final layer takes t, not t0
         return self.unpatchify(h, gh, gw).to(out_dtype)

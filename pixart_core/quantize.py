@@ -1,0 +1,113 @@
+"""8-bit transformer weights: int8 (bitsandbytes LLM.int8, CPU and CUDA) and fp8 e4m3 storage upcast per layer.
+
+`quantize_transformer(model, mode)` replaces the Linear layers of the transformer blocks in place; they hold about 96%
+of an XL-2 model's weights. The small embedders (patch, timestep, caption projection, micro-conditions) and the final
+layer stay in the model's dtype: they are ~4% of the memory, and the timestep and caption paths feed every block.
+
+- "int8": bitsandbytes `Linear8bitLt` (int8 weights with one fp32 scale per output row; activations above `threshold`
+  go through a 16-bit side path, as in LLM.int8). Works on the CPU and on CUDA with bitsandbytes >= 0.45.
+- "fp8": weights stored as float8 e4m3 with one scale per output row, converted to the compute dtype for each matmul
+  (so any device whose torch has float8 dtypes runs it; there is no fp8 arithmetic involved). Saves memory, not time.
+Both take about half of the bf16 weight memory (bench/bench_memory.py measures it on the full-size model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PixArtError
+
+MODES = ("none", "int8", "fp8")
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+class Fp8Linear(nn.Module):
+    """A Linear layer whose weight is kept in float8 e4m3 (one scale per output row) and upcast for each call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("weight", (w / scale).to(FP8_DTYPE))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+        self.compute_dtype = compute_dtype
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return (self.weight.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
+
+
+def _int8_linear(linear: nn.Linear, threshold: float) -> nn.Module:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # pragma: no cover - bitsandbytes is in requirements.txt
+        raise PixArtError("int8 weights need the bitsandbytes package: pip install bitsandbytes") from e
+    device = linear.weight.device
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False, threshold=threshold, device="meta")
+    q.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return q.to(device)  # moving the Int8Params to a real device is what quantises them
+
+
+def block_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every plain Linear inside the transformer blocks."""
+    found = []
+    for block in model.blocks:
+        for parent in block.modules():
+            found += [(parent, name) for name, child in parent.named_children() if type(child) is nn.Linear]
+    return found
+
+
+def quantize_transformer(model: nn.Module, mode: str, *, int8_threshold: float = 6.0) -> nn.Module:
+    """Store the block Linear weights of a PixArtTransformer in 8 bits ("int8" or "fp8"); "none" leaves it as is.
+
+    The model is changed in place and returned. Call it after loading (any dtype; fp8 computes in the model's dtype,
+    int8 in the input's). Layer by layer, so the extra memory while converting is one layer.
+    """
+    if mode not in MODES:
+        raise PixArtError(f"Unknown weight quantisation {mode!r}; choose one of: {', '.join(MODES)}.")
+    if mode == "none":
+        return model
+    if getattr(model, "quantization", "none") != "none":
+        raise PixArtError(f"This transformer is already quantised ({model.quantization}); load it again to change.")
+    if mode == "fp8" and FP8_DTYPE is None:
+        raise PixArtError("This torch build has no float8 dtypes; use int8 weights or update torch (>= 2.1).")
+    compute_dtype = model.dtype
+    for parent, name in block_linears(model):  # one layer at a time: the old weight is freed by the setattr
+        linear = getattr(parent, name)
+        if mode == "fp8":
+            new = Fp8Linear(linear.weight, linear.bias, compute_dtype).to(linear.weight.device)
+        else:
+            new = _int8_linear(linear, int8_threshold)
+        setattr(parent, name, new)
+        del linear
+    model.quantization = mode
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (int8 scales and fp8 storage included)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # bitsandbytes keeps the row scales beside the int8 weight
+        scb = getattr(getattr(m, "weight", None), "SCB", None)
+        if isinstance(scb, torch.Tensor) and scb.data_ptr() not in seen:
+            seen.add(scb.data_ptr())
+            total += scb.numel() * scb.element_size()
+    return total
