@@ -2,11 +2,11 @@
 
 Attention. q, k, v: (B, heads, tokens, head_dim); mask: None or bool broadcastable to (B, heads, q_tokens, k_tokens),
 True = attend. torch's scaled_dot_product_attention is used on every device: measured on this project's CPU (2-core
-Sapphire Rapids, AMX, torch 2.13) for 1024 px self-attention (B 2, 16 heads, 4096 tokens, head width 72), one thread:
-SDPA reaches about 400 GFLOP/s in bf16 and 124 in fp32, while the best query-chunked matmul + softmax we could write
-from torch ops reached 258 and 98 (the (q_chunk x 4096) score tiles make softmax memory-bound, where SDPA's fused
-flash kernel keeps them in cache). So no hand-written path is kept; bench/bench_transformer_step.py --attention
-re-measures both on any machine.
+Sapphire Rapids with AMX, torch 2.13) for 1024 px self-attention (B 2, 16 heads, 4096 tokens, head width 72), one
+thread: SDPA reaches 365 GFLOP/s in bf16 and 110 in fp32, the best query-chunked matmul + softmax built from torch ops
+214 and 91 (its softmax makes an extra pass over every (chunk x 4096) score tile; SDPA's fused flash kernel does the
+exponentials while the tile is in cache). So no hand-written path is kept; `bench/bench_transformer_step.py
+--attention` re-measures both on any machine.
 
 MLP. On the CPU in bf16, oneDNN can apply the tanh-GELU to the fc1 output while it is still in cache; the separate GELU
 pass over (tokens x 4*width) costs about as much again as half the matmul (measured 1024 px: 189 ms -> 138 ms per

@@ -95,7 +95,7 @@ def _read_exact(f, dest: torch.Tensor, path: Path, key: str) -> None:
 
 
 def _read_cast(f, nbytes: int, src: torch.dtype, dest: torch.Tensor, staging: torch.Tensor, path: Path,
-               key: str, chunk: int = 2**20) -> torch.Tensor:
+               key: str, chunk: int = 16 * 2**20) -> torch.Tensor:
     """Read nbytes of src-typed data in chunks and cast each into dest; returns the (reusable) staging buffer."""
     item = torch.empty(0, dtype=src).element_size()
     if staging.numel() < min(chunk, nbytes):

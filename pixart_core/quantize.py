@@ -13,6 +13,9 @@ Both take about half of the bf16 weight memory (bench/bench_memory.py measures i
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,9 +32,12 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight", (w / scale).to(FP8_DTYPE))
+        w = weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+        for r in range(0, w.shape[0], 512):  # row blocks: no full-size fp32 temporary
+            q[r:r + 512] = (w[r:r + 512].float() / scale[r:r + 512]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
         self.compute_dtype = compute_dtype
@@ -94,7 +100,19 @@ def quantize_transformer(model: nn.Module, mode: str, *, int8_threshold: float =
         setattr(parent, name, new)
         del linear
     model.quantization = mode
+    return_freed_memory()
     return model
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS. glibc keeps it mapped otherwise: after every layer's weights were
+    replaced, the process would still hold about the old model's size (measured: fp8 RSS 2.5 GB for 0.6 GB of
+    weights on the full-size model). No-op where the C library has no malloc_trim."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def weight_bytes(model: nn.Module) -> int:
