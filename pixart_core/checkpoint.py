@@ -25,7 +25,9 @@ from .checkpoint_formats import (
     materialise,
     open_checkpoint,
     original_plan,
+    planned_shape,
     strip_prefix,
+    verify_plan,
 )
 from .config import ALPHA, SIGMA, PixArtConfig, default_pe_interpolation
 from .errors import PixArtError
@@ -161,11 +163,7 @@ def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides:
         )
 
     def shape_of(model_key: str) -> tuple | None:
-        parts = plan.get(model_key)
-        if not parts:
-            return None
-        s = [shapes[p] for p in parts]
-        return (sum(x[0] for x in s), *s[0][1:]) if len(s) > 1 else s[0]
+        return planned_shape(plan, shapes, model_key)
 
     assumed: list[str] = []
     required = ["x_embedder.proj.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight", "final_layer.linear.weight"]
@@ -256,24 +254,12 @@ def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides:
 
 
 def _verify_keys(model: PixArtTransformer, plan: dict[str, list[str]], shapes: dict[str, tuple]) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(plan))
-    unexpected = sorted(set(plan) - set(expected))
-    if missing or unexpected:
-        def show(ks):
-            return ", ".join(ks[:6]) + (f" and {len(ks) - 6} more" if len(ks) > 6 else "")
-        raise PixArtError(
-            "The checkpoint does not match a PixArt transformer of the detected shape "
-            f"(depth {model.config.depth}, width {model.config.hidden_size}). "
-            + (f"Missing: {show(missing)}. " if missing else "")
-            + (f"Not understood: {show(unexpected)}. " if unexpected else "")
-            + "The file may be incomplete, or a model type this loader does not know."
-        )
-    for k, parts in plan.items():
-        s = [shapes[p] for p in parts]
-        got = (sum(x[0] for x in s), *s[0][1:]) if len(s) > 1 else s[0]
-        if tuple(got) != expected[k]:
-            raise PixArtError(f"Tensor '{k}' has shape {tuple(got)} but the detected model needs {expected[k]}.")
+    verify_plan(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, plan, shapes,
+        mismatch="The checkpoint does not match a PixArt transformer of the detected shape "
+                 f"(depth {model.config.depth}, width {model.config.hidden_size}). ",
+        kind="a model type", tensor_label="Tensor", needed_by="model",
+    )
 
 
 def build_empty(config: PixArtConfig) -> PixArtTransformer:

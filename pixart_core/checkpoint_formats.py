@@ -358,3 +358,34 @@ def materialise(source: StateDictSource, plan: dict[str, list[str]], dtype: torc
         out[name][row: row + tensor.shape[0]] = tensor
     return out
 
+
+def planned_shape(plan: dict[str, list[str]], shapes: dict[str, tuple], key: str) -> tuple | None:
+    """The shape a model tensor gets from its planned file tensors (fused ones stacked along dim 0); None if unplanned."""
+    parts = plan.get(key)
+    if not parts:
+        return None
+    s = [shapes[p] for p in parts]
+    return (sum(x[0] for x in s), *s[0][1:]) if len(s) > 1 else tuple(s[0])
+
+
+def verify_plan(expected: dict[str, tuple], plan: dict[str, list[str]], shapes: dict[str, tuple], *,
+                mismatch: str, kind: str, tensor_label: str, needed_by: str) -> None:
+    """Refuse a file whose planned tensors do not fill the model exactly: missing, unknown or wrongly shaped tensors,
+    each named. mismatch opens the message; kind names what the file might be ("a model type"); tensor_label and
+    needed_by word the single-tensor message ("Tensor 'k' has shape ... but the detected model needs ...")."""
+    missing = sorted(set(expected) - set(plan))
+    unexpected = sorted(set(plan) - set(expected))
+    if missing or unexpected:
+        def show(ks):
+            return ", ".join(ks[:6]) + (f" and {len(ks) - 6} more" if len(ks) > 6 else "")
+        raise PixArtError(
+            mismatch
+            + (f"Missing: {show(missing)}. " if missing else "")
+            + (f"Not understood: {show(unexpected)}. " if unexpected else "")
+            + f"The file may be incomplete, or {kind} this loader does not know."
+        )
+    for k in expected:
+        got = planned_shape(plan, shapes, k)
+        if got != expected[k]:
+            raise PixArtError(f"{tensor_label} '{k}' has shape {got} but the detected {needed_by} needs {expected[k]}.")
+

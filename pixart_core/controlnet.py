@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import BASE_PREFIX, detect, guess_num_heads, load_transformer
-from .checkpoint_formats import StateDictSource, block_key_plan, materialise, open_checkpoint
+from .checkpoint_formats import (
+    StateDictSource,
+    block_key_plan,
+    materialise,
+    open_checkpoint,
+    planned_shape,
+    verify_plan,
+)
 from .config import ALPHA, LATENT_SCALE, SIGMA
 from .errors import PixArtError
 from .hed import HEDDetector, image_to_bchw
@@ -314,14 +321,6 @@ def _controlnet_plan(keys: list[str]) -> tuple[str, dict[str, list[str]]]:
     return layout, {k: [k] for k in ctrl}
 
 
-def _shape_of(plan: dict[str, list[str]], shapes: dict[str, tuple], key: str) -> tuple | None:
-    parts = plan.get(key)
-    if not parts:
-        return None
-    s = [shapes[p] for p in parts]
-    return (sum(x[0] for x in s), *s[0][1:]) if len(s) > 1 else tuple(s[0])
-
-
 def detect_controlnet(
     shapes: dict[str, tuple], file_config: dict | None = None, num_heads: int | None = None, family: str | None = None,
 ) -> tuple[ControlNetInfo, dict[str, list[str]]]:
@@ -333,9 +332,9 @@ def detect_controlnet(
     if not ids or sorted(ids) != list(range(n)):
         raise PixArtError(f"The ControlNet is incomplete: found control blocks {sorted(ids)}, expected 0..{n - 1}. "
                           "Download the file again.")
-    after = _shape_of(plan, shapes, "controlnet.0.after_proj.weight")
-    fc1 = _shape_of(plan, shapes, "controlnet.0.copied_block.mlp.fc1.weight")
-    if after is None or fc1 is None or _shape_of(plan, shapes, "controlnet.0.before_proj.weight") is None:
+    after = planned_shape(plan, shapes, "controlnet.0.after_proj.weight")
+    fc1 = planned_shape(plan, shapes, "controlnet.0.copied_block.mlp.fc1.weight")
+    if after is None or fc1 is None or planned_shape(plan, shapes, "controlnet.0.before_proj.weight") is None:
         raise PixArtError("The ControlNet is incomplete: control block 0 lacks after_proj, before_proj or its copied "
                           "block. Download the file again.")
     hidden = after[0]
@@ -360,7 +359,7 @@ def detect_controlnet(
 
     info = ControlNetInfo(
         num_copies=n, hidden_size=hidden, num_heads=int(heads), mlp_ratio=fc1[0] / hidden,
-        qk_norm=_shape_of(plan, shapes, "controlnet.0.copied_block.attn.q_norm.weight") is not None, family=family,
+        qk_norm=planned_shape(plan, shapes, "controlnet.0.copied_block.attn.q_norm.weight") is not None, family=family,
         text_len=base.config.text_len if base else None,
         caption_channels=base.config.caption_channels if base else None,
         sample_size=base.config.sample_size if base else None, layout=layout,
@@ -370,23 +369,12 @@ def detect_controlnet(
 
 
 def _verify(model: PixArtControlNet, plan: dict[str, list[str]], shapes: dict[str, tuple]) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(plan))
-    unexpected = sorted(set(plan) - set(expected))
-    if missing or unexpected:
-        def show(ks):
-            return ", ".join(ks[:6]) + (f" and {len(ks) - 6} more" if len(ks) > 6 else "")
-        raise PixArtError(
-            f"The ControlNet does not match the PixArt-δ ControlNet layout ({model.num_copies} control blocks of "
-            f"width {model.info.hidden_size}). " + (f"Missing: {show(missing)}. " if missing else "")
-            + (f"Not understood: {show(unexpected)}. " if unexpected else "")
-            + "The file may be incomplete, or a ControlNet type this loader does not know."
-        )
-    for k in expected:
-        got = _shape_of(plan, shapes, k)
-        if got != expected[k]:
-            raise PixArtError(f"ControlNet tensor '{k}' has shape {got} but the detected ControlNet needs "
-                              f"{expected[k]}.")
+    verify_plan(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, plan, shapes,
+        mismatch=f"The ControlNet does not match the PixArt-δ ControlNet layout ({model.num_copies} control blocks of "
+                 f"width {model.info.hidden_size}). ",
+        kind="a ControlNet type", tensor_label="ControlNet tensor", needed_by="ControlNet",
+    )
 
 
 def load_controlnet(
