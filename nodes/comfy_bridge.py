@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from pixart_core import bundled
 from pixart_core.errors import PixArtError
 
 try:  # ComfyUI puts its root on sys.path; these imports only succeed inside it.
@@ -67,8 +68,9 @@ def folder_dirs(folder: str) -> list[str]:
     return [os.path.join(_stand_in_root(), d) for d in _FOLDER_DIRS.get(folder, (folder,))]
 
 
-def list_models(folder: str) -> list[str]:
-    """Model files in a folder, relative names with '/' separators, sorted, as ComfyUI's combos show them."""
+def list_models(folder: str, with_bundled: bool = True) -> list[str]:
+    """Model files in a folder, relative names with '/' separators, sorted, as ComfyUI's combos show them; then the
+    bundled PixArt-nano models of that kind."""
     if IN_COMFYUI:
         names = _folder_paths.get_filename_list(folder)
     else:
@@ -86,7 +88,8 @@ def list_models(folder: str) -> list[str]:
                 for f in files:
                     rel = os.path.relpath(os.path.join(dirpath, f), root)
                     names.append(rel.replace(os.sep, "/"))
-    return sorted({n for n in names if n.lower().endswith(MODEL_EXTENSIONS)})
+    files = sorted({n for n in names if n.lower().endswith(MODEL_EXTENSIONS)})
+    return files + [n for n in bundled.loader_entries(folder) if with_bundled and n not in files]
 
 
 def list_models_in(folders: Iterable[str]) -> list[str]:
@@ -104,6 +107,10 @@ def model_path(folders: str | Iterable[str], name: str, what: str) -> str:
     anyone who can reach the server can send "../../etc/passwd" or an absolute path. (A node that names its file input
     in VALIDATE_INPUTS switches off ComfyUI's own "value not in list" check, so this is the check.)"""
     folders = [folders] if isinstance(folders, str) else list(folders)
+    for folder in folders:  # the models that ship with the pack (PixArt-nano): a file or a folder the core reads
+        path = bundled.loader_entries(folder).get(name) if isinstance(name, str) else None
+        if path is not None:
+            return str(path)
     places = " or ".join(f"models/{f}" for f in folders)
     if not isinstance(name, str) or not name or "\0" in name:
         raise PixArtError(f"{what}: no file name was given ({name!r}). Pick a file from {places} in the node.")

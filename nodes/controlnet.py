@@ -137,7 +137,7 @@ class PixArtDeltaHEDPreprocessor:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The photo to take edges from."}),
-                "hed_name": (bridge.list_models(FOLDER), {
+                "hed_name": (bridge.list_models(FOLDER, with_bundled=False), {
                     "tooltip": "The HED weights, ControlNetHED.pth, in models/controlnet."}),
             }
         }

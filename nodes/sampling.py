@@ -2,7 +2,8 @@
 
 Both take and return ComfyUI's own LATENT ({"samples": (B, 4, H/8, W/8)} in the VAE's raw scale, as ComfyUI keeps
 latents), so native latent nodes and VAE Decode work before and after them. Inside ComfyUI, sampling reports progress
-with previews and stops at the next model evaluation when Cancel is pressed.
+with previews and stops at the next model evaluation when Cancel is pressed. Both offer optional step caching
+(Δ-DiT / T-GATE, pixart_core/step_cache.py), off by default.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from pixart_core.errors import PixArtError
 from pixart_core.pipeline import generate_latents
+from pixart_core.step_cache import step_cache_options
 
 from . import comfy_bridge as bridge
 from .controlnet import bind_controls, managed_models
@@ -23,6 +25,7 @@ log = logging.getLogger("pixart_delta")
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SAMPLERS = ["dpmpp_2m", "sa_solver", "euler", "ddim"]
+STEP_CACHES = ["off", "Δ-DiT", "T-GATE", "both"]  # names step_cache_options reads
 
 _SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                  "tooltip": "Noise seed. Image k of a batch uses seed + k, so it can be remade alone."})
@@ -54,7 +57,7 @@ def _out_of_memory_error(what: str, width: int, height: int, batch_size: int) ->
 
 def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
-                latent: dict | None, control) -> dict:
+                latent: dict | None, control, step_cache: str = "off") -> dict:
     """The one core call both sampler nodes make, with ComfyUI's progress, preview and Cancel hooked in.
 
     Out of memory with a batch of several images: the images are sampled one at a time instead (image k of a batch
@@ -64,6 +67,7 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
                           f"{model.config.caption_channels}: encode the prompt with the T5 v1.1 XXL encoder.")
     if latent is not None and "noise_mask" in latent:
         log.warning("PixArt-δ samplers ignore the latent's noise mask (inpainting is not supported).")
+    cache_options = step_cache_options(step_cache)  # an unknown name fails here, before models are loaded
     transformer = model.module
     scale = model.config.latent_scale
     init_latent = None
@@ -96,7 +100,7 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
             width=width, height=height, sampler=sampler, steps=steps, guidance_scale=guidance,
             seed=(seed + first) % (MAX_SEED + 1), batch_size=count, binning=False, init_latent=start, denoise=denoise,
             controls=controls, callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-            interrupt=bridge.check_interrupted,
+            interrupt=bridge.check_interrupted, step_cache=cache_options,
         ).latents
 
     try:
@@ -122,15 +126,36 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
     return out
 
 
-class PixArtDeltaLCMSampler:
-    DESCRIPTION = ("Samples with PixArt-δ LCM in 2-8 steps (4 is the official setting), without CFG: the guidance is "
-                   "distilled into the LCM weights, so the negative prompt is not used. Connect a latent to take "
-                   "its size and batch (and, with denoise below 1, its content).")
+class _SamplerNode:
+    """What the two sampler nodes share: their category and output, the seed, denoise and the optional inputs."""
+
     CATEGORY = "PixArt-δ/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt-δ VAE Decode or ComfyUI's VAE Decode.",)
     FUNCTION = "sample"
+    STEP_CACHE_TOOLTIP = ""
+
+    @staticmethod
+    def denoise_input(tooltip: str) -> tuple:
+        return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+
+    @classmethod
+    def optional_inputs(cls) -> dict:
+        """ControlNet socket, then the step-cache widget: optional and last, so workflows saved before it keep their
+        widget order and load with it off."""
+        return {"control": _CONTROL,
+                "step_cache": (STEP_CACHES, {"default": "off", "tooltip": cls.STEP_CACHE_TOOLTIP})}
+
+
+class PixArtDeltaLCMSampler(_SamplerNode):
+    DESCRIPTION = ("Samples with PixArt-δ LCM in 2-8 steps (4 is the official setting), without CFG: the guidance is "
+                   "distilled into the LCM weights, so the negative prompt is not used. Connect a latent to take "
+                   "its size and batch (and, with denoise below 1, its content).")
+    STEP_CACHE_TOOLTIP = (
+        "Step caching, off by default: made for the multi-step samplers (14-25 steps). With 4 LCM steps it measured "
+        "Δ-DiT 1.74x faster (0.64% latent change), T-GATE 1.23x (0.1%), both 1.89x, but Δ-DiT then reuses work "
+        "between steps far apart on the schedule, which may show on the trained model: compare with it off.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -150,34 +175,36 @@ class PixArtDeltaLCMSampler:
                                               "connected)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Images per run (ignored when a latent is connected)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "1 makes a new image; below 1 keeps that much of the connected "
-                                                 "latent's picture (img2img)."}),
+                "denoise": cls.denoise_input("1 makes a new image; below 1 keeps that much of the connected latent's "
+                                             "picture (img2img)."),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: a latent whose size and batch to use; its content is "
                                                  "the starting image when denoise is below 1."}),
-                "control": _CONTROL,
+                **cls.optional_inputs(),
             },
         }
 
     @torch.no_grad()
-    def sample(self, model, conditioning, seed, steps, width, height, batch_size, denoise, latent=None, control=None):
+    def sample(self, model, conditioning, seed, steps, width, height, batch_size, denoise, latent=None, control=None,
+               step_cache="off"):
         if latent is not None:
             width, height, batch_size = _size_from_latent(latent)
         return (run_sampler(model, conditioning, sampler="lcm", seed=seed, steps=steps, guidance=0.0, width=width,
-                            height=height, batch_size=batch_size, denoise=denoise, latent=latent, control=control),)
+                            height=height, batch_size=batch_size, denoise=denoise, latent=latent, control=control,
+                            step_cache=step_cache),)
 
 
-class PixArtDeltaSampler:
+class PixArtDeltaSampler(_SamplerNode):
     DESCRIPTION = ("Samples PixArt-α / Σ (and δ) with DPM-Solver++ 2M (the official default: 20 steps, CFG 4.5), "
                    "SA-Solver (25 steps, CFG 3), Euler or DDIM. Denoise below 1 refines the connected latent "
                    "(img2img, hires-fix).")
-    CATEGORY = "PixArt-δ/sampling"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt-δ VAE Decode or ComfyUI's VAE Decode.",)
-    FUNCTION = "sample"
+    STEP_CACHE_TOOLTIP = (
+        "Step caching, off by default: reuses work of earlier steps, faster at a small change of the image. Δ-DiT "
+        "skips 3/4 of the blocks on every second step; T-GATE reuses cross-attention and drops CFG for the second "
+        "half of the steps. Bench (20 DPM-Solver++ steps, 512 px, full-size model): Δ-DiT 1.60x faster (3.6% "
+        "latent change), T-GATE 1.34x (0.27%), both 2.19x (3.6%). For 14-25 steps; with few steps little is left "
+        "to reuse.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -197,16 +224,16 @@ class PixArtDeltaSampler:
                 "sampler_name": (SAMPLERS, {"default": "dpmpp_2m",
                                             "tooltip": "dpmpp_2m: DPM-Solver++ 2M (default); sa_solver: stochastic "
                                                        "SA-Solver; euler; ddim."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "1 makes a new image; below 1 keeps that much of the latent's "
-                                                 "picture (0.6 for img2img, 0.3-0.5 to refine an upscale)."}),
+                "denoise": cls.denoise_input("1 makes a new image; below 1 keeps that much of the latent's picture "
+                                             "(0.6 for img2img, 0.3-0.5 to refine an upscale)."),
             },
-            "optional": {"control": _CONTROL},
+            "optional": cls.optional_inputs(),
         }
 
     @torch.no_grad()
-    def sample(self, model, conditioning, latent, seed, steps, cfg, sampler_name, denoise, control=None):
+    def sample(self, model, conditioning, latent, seed, steps, cfg, sampler_name, denoise, control=None,
+               step_cache="off"):
         width, height, batch_size = _size_from_latent(latent)
         return (run_sampler(model, conditioning, sampler=sampler_name, seed=seed, steps=steps, guidance=cfg,
                             width=width, height=height, batch_size=batch_size, denoise=denoise, latent=latent,
-                            control=control),)
+                            control=control, step_cache=step_cache),)

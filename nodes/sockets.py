@@ -22,13 +22,12 @@ CONTROL = "PIXART_CONTROL"
 
 
 @dataclass
-class PixArtModel:
-    """A loaded transformer: the managed module, its detected shape and a readable summary."""
+class LoadedModel:
+    """A model from one of the loader nodes: the module as ComfyUI's model management moves it, and the name the
+    loader's list showed."""
 
     managed: ManagedModel
-    config: PixArtConfig
     name: str
-    summary: dict
 
     @property
     def module(self):
@@ -36,14 +35,16 @@ class PixArtModel:
 
 
 @dataclass
-class TextEncoder:
-    managed: ManagedModel
-    name: str
-    precision: str
+class PixArtModel(LoadedModel):
+    """A loaded transformer with its detected shape and a readable summary."""
 
-    @property
-    def module(self):
-        return self.managed.module
+    config: PixArtConfig
+    summary: dict
+
+
+@dataclass
+class TextEncoder(LoadedModel):
+    precision: str
 
 
 @dataclass
@@ -58,25 +59,13 @@ class Conditioning:
 
 
 @dataclass
-class Vae:
-    managed: ManagedModel
-    name: str
+class Vae(LoadedModel):
     info: dict = field(default_factory=dict)
-
-    @property
-    def module(self):
-        return self.managed.module
 
 
 @dataclass
-class ControlNet:
-    managed: ManagedModel
-    name: str
+class ControlNet(LoadedModel):
     info: dict = field(default_factory=dict)
-
-    @property
-    def module(self):
-        return self.managed.module
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 
 from pixart_core.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
+from pixart_core.quantize import FP8_DTYPE, quantize_transformer
 
 from . import comfy_bridge as bridge
 from . import model_cache
@@ -16,7 +17,8 @@ from .sockets import MODEL, PixArtModel
 log = logging.getLogger("pixart_delta")
 
 FOLDERS = ("diffusion_models", "checkpoints")
-PRECISIONS = ["auto", "fp32", "fp16", "bf16", "int8"]
+PRECISIONS = ["auto", "fp32", "fp16", "bf16", "int8", "fp8"]
+EIGHT_BIT = ("int8", "fp8")  # block weights stored in 8 bits, computed in the auto dtype (pixart_core.quantize)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -72,7 +74,9 @@ class PixArtDeltaTransformerLoader:
                 "precision": (PRECISIONS, {
                     "default": "auto",
                     "tooltip": "Weight precision. auto: bf16/fp16 on a GPU that supports it, fp32 on the CPU. int8: "
-                               "bitsandbytes 8-bit weights (about half of fp16's memory; CPU and CUDA)."}),
+                               "bitsandbytes 8-bit weights (about half of fp16's memory; CPU and CUDA). fp8: float8 "
+                               "e4m3 weight storage, upcast layer by layer for each matmul (about half of fp16's "
+                               "memory on any device; saves memory, not time; needs torch with float8)."}),
                 "family": (["auto", "alpha", "sigma"], {
                     "default": "auto",
                     "tooltip": "Override the detected family only if detection is wrong: alpha (also δ; SD VAE) or "
@@ -101,24 +105,24 @@ class PixArtDeltaTransformerLoader:
     def load(self, model_name: str, precision: str, family: str, train_resolution: str, text_len: str):
         if precision not in PRECISIONS:
             raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+        if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
+            raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
+                              "choose int8 (same memory) or update torch to 2.1 or later.")
         path = bridge.model_path(FOLDERS, model_name, "Transformer file")
         overrides = _overrides(family, train_resolution, text_len)
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()
-        dtype = bridge.auto_dtype(load_device) if precision in ("auto", "int8") else _DTYPES[precision]
+        dtype = bridge.auto_dtype(load_device) if precision in ("auto", *EIGHT_BIT) else _DTYPES[precision]
         key = (model_cache.file_identity(path), precision, str(dtype), tuple(sorted(overrides.items())),
                str(load_device))
 
         def load_new() -> PixArtModel:
-            if precision == "int8":
-                from pixart_core.quantize import quantize_transformer
-
-                # layer by layer after the load: the extra memory while converting is one Linear
-                module = quantize_transformer(load_transformer(path, dtype=dtype, device=load_device,
-                                                               overrides=overrides), "int8")
-                managed = bridge.ManagedModel(module, load_device, load_device)  # 8-bit weights stay where built
-            else:
-                module = load_transformer(path, dtype=dtype, device=offload_device, overrides=overrides)
-                managed = bridge.ManagedModel(module, load_device, offload_device)
+            # int8 (bitsandbytes) weights stay on the device they were quantised on; fp8 weights are plain buffers
+            # that move between devices like any others.
+            home = load_device if precision == "int8" else offload_device
+            module = load_transformer(path, dtype=dtype, device=home, overrides=overrides)
+            if precision in EIGHT_BIT:  # layer by layer after the load: the extra memory is one Linear
+                module = quantize_transformer(module, precision)
+            managed = bridge.ManagedModel(module, load_device, home)
             summary = module.detection.summary()
             return PixArtModel(managed=managed, config=module.config, name=model_name, summary=summary)
 

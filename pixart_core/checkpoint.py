@@ -31,6 +31,7 @@ from .checkpoint_formats import (
 )
 from .config import ALPHA, SIGMA, PixArtConfig, default_pe_interpolation
 from .errors import PixArtError
+from .quantize import return_freed_memory
 from .transformer import PixArtTransformer
 
 CONTROLNET_PREFIX = "controlnet."
@@ -285,6 +286,7 @@ def load_transformer(
     model.to(device)
     model.detection = detection
     model.source_path = str(source.path)
+    return_freed_memory()  # the file's tensors converted while reading were freed; glibc would keep them mapped
     return model
 
 

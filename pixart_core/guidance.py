@@ -2,7 +2,8 @@
 
 The samplers (samplers.py) know nothing about PixArt; this wrapper holds everything PixArt-specific about one model
 evaluation: the text conditioning (projected once per generation, cross-attention K/V cached), classifier-free guidance,
-the micro-conditions of α-1024/δ checkpoints, optional ControlNet signals, and the interrupt check.
+the micro-conditions of α-1024/δ checkpoints, optional ControlNet signals, optional step caching (step_cache.py) and
+the interrupt check.
 
 Classifier-free guidance as diffusers' PixArt pipelines do it:
 - on when guidance_scale > 1 (PixArt-δ LCM runs with guidance 0: the guidance is distilled into the weights);
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 
 from .controlnet import step_of_timestep
 from .errors import PixArtError
+from .step_cache import StepCacheOptions, make_step_cache
+from .transformer import TextConditioning
 
 
 class Interrupted(Exception):
@@ -57,6 +60,8 @@ class GuidedEpsilon:
     needs `timesteps`, the sampler's table (every sampler here evaluates the model once per step, at its entry).
     interrupt(): called before every model evaluation; it may raise itself (ComfyUI's interrupt does) or return True,
     which raises `Interrupted`.
+    step_cache: Δ-DiT / T-GATE options (None or all off: every step runs in full, as without it). Needs `timesteps`.
+    After T-GATE's gate step guidance is dropped: the model runs the conditional batch alone and its output is eps.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class GuidedEpsilon:
         controls: Optional[Sequence] = None,
         interrupt: Optional[InterruptCheck] = None,
         timesteps: Optional[Sequence[float]] = None,
+        step_cache: Optional[StepCacheOptions] = None,
     ):
         self.model = model
         self.guidance_scale = float(guidance_scale)
@@ -102,6 +108,16 @@ class GuidedEpsilon:
             _match_batch(embeds, batch_size, "prompt")  # only checks: a batch of 1 broadcasts in the transformer
             y, y_mask = embeds, mask
         self.text = model.prepare_text(y, y_mask)
+        self.cache = None
+        self.cond_text = self.text
+        if step_cache is not None and step_cache.enabled:
+            if self.timesteps is None:
+                raise PixArtError("Step caching needs the sampler's timesteps; pass timesteps= to GuidedEpsilon.")
+            self.cache = make_step_cache(step_cache, self.timesteps, model)  # one per generation: it holds state
+            if self.do_cfg and step_cache.tgate:
+                # The conditional half of the projected [uncond, cond] batch, for the steps after the gate: the same
+                # tokens and mask that half had, without projecting the caption again.
+                self.cond_text = TextConditioning(self.text.tokens[batch_size:], self.text.mask[batch_size:])
         height, width = size
         self.resolution = torch.tensor([[float(height), float(width)]], dtype=torch.float32)
         self.aspect_ratio = torch.tensor([[float(height / width)]], dtype=torch.float32)
@@ -111,12 +127,17 @@ class GuidedEpsilon:
         if self.interrupt is not None and self.interrupt():
             raise Interrupted("Generation interrupted.")
         model_x = x.to(self.model.dtype)
-        if self.do_cfg:
+        # T-GATE drops guidance after its gate step: the conditional batch alone, its output used as eps
+        cfg = self.do_cfg and (self.cache is None or self.cache.guidance_needed(t))
+        if cfg:
             model_x = torch.cat([model_x, model_x])
             t = torch.cat([t, t])
-        out = self.model(model_x, t, self.text, resolution=self.resolution, aspect_ratio=self.aspect_ratio,
-                         controls=self._controls_at(t)).float()
-        if self.do_cfg:
+        controls = self._controls_at(t)
+        extra = {} if self.cache is None else self.cache.model_kwargs(t, cfg=cfg, controls=controls)
+        out = self.model(model_x, t, self.text if cfg else self.cond_text,
+                         resolution=self.resolution, aspect_ratio=self.aspect_ratio, controls=controls,
+                         **extra).float()
+        if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
         return out[:, : self.in_channels]

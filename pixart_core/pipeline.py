@@ -14,6 +14,8 @@ prompt, images are ordered prompt by prompt (diffusers' order), k counting acros
 
 Defaults: an LCM checkpoint (PixArt-δ) samples with LCM, 4 steps, no guidance; anything else with DPM-Solver++ 2M,
 20 steps, guidance 4.5 (samplers.SAMPLERS has every sampler's defaults). Resolution binning is on by default.
+Step caching (step_cache.py: Δ-DiT, T-GATE) is off by default; `step_cache="delta-dit"` (or "t-gate", "both", or
+StepCacheOptions) turns it on for one generation.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .errors import PixArtError
 from .guidance import GuidedEpsilon, InterruptCheck
 from .resolution import SizePlan, plan_size, resize_and_crop
 from .schedule import ddpm_schedule
+from .step_cache import StepCacheOptions, step_cache_options
 
 MAX_SEED = 2**64
 
@@ -122,14 +125,19 @@ def generate_latents(
     controls: Optional[Sequence] = None,
     callback: Optional[samplers.Callback] = None,
     interrupt: Optional[InterruptCheck] = None,
+    step_cache: Optional[StepCacheOptions | str] = None,
 ) -> LatentResult:
     """Sample final latents from T5 embeddings (B or 1, L, C) and masks.
 
     batch_size defaults to the prompt batch. init_latent (img2img, model latent scale) must already have the
     generation size (plan.latent_shape). noise: explicit starting noise instead of the seeded one (the per-image
-    generators still supply the sampler's later noise).
+    generators still supply the sampler's later noise). step_cache: None/"off" (default), "delta-dit", "t-gate",
+    "both" or StepCacheOptions; it trades a small change of the image for speed (step_cache.py).
     """
     sampler = sampler or default_sampler(transformer)
+    cache_options = step_cache_options(step_cache)
+    if cache_options is not None:
+        cache_options.check()  # a bad setting is reported before any work
     spec = samplers.get_sampler(sampler)
     steps = spec.default_steps if steps is None else int(steps)
     guidance_scale = spec.default_guidance if guidance_scale is None else float(guidance_scale)
@@ -166,6 +174,7 @@ def generate_latents(
         negative_embeds=None if negative_embeds is None else negative_embeds.to(device),
         negative_mask=None if negative_mask is None else negative_mask.to(device),
         guidance_scale=guidance_scale, controls=controls, interrupt=interrupt, timesteps=timesteps,
+        step_cache=cache_options,
     )
     latents = samplers.sample(sampler, eps_fn, start_noise, ddpm_schedule(), timesteps, init_latent=init_latent,
                               noise_fn=noise_fn, callback=callback)
@@ -257,9 +266,12 @@ class PixArtPipeline:
         callback: Optional[samplers.Callback] = None,
         interrupt: Optional[InterruptCheck] = None,
         output_type: str = "pil",
+        step_cache: Optional[StepCacheOptions | str] = None,
     ):
         """Generate images. output_type: "pil" (list of PIL images), "pt" ((B, 3, H, W) in [0, 1]) or "latent"
-        (the LatentResult, nothing decoded). init_image: (B or 1, 3, H, W) in [0, 1] for img2img with `denoise`."""
+        (the LatentResult, nothing decoded). init_image: (B or 1, 3, H, W) in [0, 1] for img2img with `denoise`.
+        step_cache: off by default; "delta-dit", "t-gate" or "both" (or StepCacheOptions) for faster multi-step
+        sampling at a small, measured change of the image (README "Step caching")."""
         from .text_encoder import encode_prompts
 
         cfg = self.transformer.config
@@ -290,7 +302,7 @@ class PixArtPipeline:
             negative_embeds=neg, negative_mask=neg_mask,
             sampler=sampler, steps=steps, guidance_scale=scale, seed=seed, batch_size=len(prompts) * n,
             binning=binning, lcm_table=lcm_table, init_latent=init_latent, denoise=denoise,
-            callback=callback, interrupt=interrupt,
+            callback=callback, interrupt=interrupt, step_cache=step_cache,
         )
         if output_type == "latent":
             return result

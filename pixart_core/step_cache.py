@@ -20,6 +20,8 @@ How a guidance wrapper uses it (it needs no PixArt internals):
 
 After the gate step the model must get the conditional batch only (latent x once, the prompt's own text conditioning)
 and its output is used as epsilon directly. With ControlNet signals, blocks fed by the ControlNet are never skipped.
+guidance.GuidedEpsilon does exactly this; generate_latents, PixArtPipeline, the CLI (`--cache`) and the sampler nodes
+take the options or one of the mode names of `step_cache_options`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ class StepCacheOptions:
             raise PixArtError(f"delta_boundary must be between 0 and 1, not {self.delta_boundary}.")
         if not 0.0 < self.tgate_gate <= 1.0:
             raise PixArtError(f"tgate_gate must be above 0 and at most 1, not {self.tgate_gate}.")
+
+
+# The named settings users pick (CLI --cache, the sampler nodes' step_cache input): name -> options (None = off).
+MODES: dict[str, StepCacheOptions | None] = {
+    "off": None,
+    "delta-dit": StepCacheOptions(delta_dit=True),
+    "t-gate": StepCacheOptions(tgate=True),
+    "both": StepCacheOptions(delta_dit=True, tgate=True),
+}
+_ALIASES = {"none": "off", "δ-dit": "delta-dit", "deltadit": "delta-dit", "tgate": "t-gate"}
+
+
+def step_cache_options(mode: str | StepCacheOptions | None) -> StepCacheOptions | None:
+    """Options for a mode name ("off"/"none", "delta-dit"/"Δ-DiT", "t-gate"/"T-GATE", "both"); options given as
+    StepCacheOptions (or None) are returned as they are."""
+    if mode is None or isinstance(mode, StepCacheOptions):
+        return mode
+    key = str(mode).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in MODES:
+        raise PixArtError(f"Unknown step cache {mode!r}; choose one of: off, delta-dit (Δ-DiT), t-gate (T-GATE), "
+                          "both.")
+    return MODES[key]
 
 
 def make_step_cache(
@@ -138,6 +163,9 @@ class StepCache:
                 else:
                     self.full_steps += 1
                     self._last_full = step
+                    # only this step's marks may be reused: when a ControlNet's start/end changes the ranges, an
+                    # older step's mark at another boundary would otherwise pair with a new one
+                    self._marks = {}
             span = state["range"]
             if span is None:  # full step: remember the tokens at every range boundary
                 if i in state["marks"]:

@@ -85,7 +85,9 @@ def locate_t5(path: str | Path) -> T5Source:
         if _listed_in_shard_index(p):  # one shard of a sharded folder: the folder is the model
             return locate_t5(p.parent)
         config = p.parent / "config.json"
-        return T5Source([p], None if not _is_t5_config(config) else config, [p.parent / "tokenizer"])
+        # beside the file, or beside its folder (the text_encoder/ of a diffusers pipeline has a sibling tokenizer/)
+        return T5Source([p], None if not _is_t5_config(config) else config,
+                        [p.parent / "tokenizer", p.parent.parent / "tokenizer"])
 
     if (p / "text_encoder").is_dir():  # diffusers pipeline folder
         weights_dir, tokenizer_candidates = p / "text_encoder", [p / "tokenizer", p]

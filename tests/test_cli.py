@@ -166,3 +166,28 @@ def test_bench_quick_runs(capsys):
     assert bench.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "ratio" in out
+
+
+def test_cache_option_reaches_the_sampling_loop(tiny_pipeline, tmp_path, capsys, no_hub, monkeypatch):
+    from pixart_core import pipeline
+    from pixart_core.step_cache import StepCacheOptions
+
+    seen = []
+    core = pipeline.generate_latents
+
+    def spy(*args, step_cache=None, **kwargs):
+        seen.append(step_cache)
+        return core(*args, step_cache=step_cache, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate_latents", spy)
+    common = ["--model", str(tiny_pipeline), "--width", "256", "--height", "256", "--dtype", "fp32",
+              "--t5-precision", "fp32", "--steps", "2", "--no-progress"]
+    for mode in ("both", "none"):
+        code = cli.main(["generate", "a cat", "-o", str(tmp_path / f"{mode}.png"), "--cache", mode, *common])
+        assert code == 0, capsys.readouterr().err
+    assert seen == ["both", "none"]
+    assert pipeline.step_cache_options("both") == StepCacheOptions(delta_dit=True, tgate=True)
+    assert pipeline.step_cache_options("none") is None
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "a cat", "--cache", "fast", *common])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

@@ -377,3 +377,74 @@ def test_harness_keeps_the_validate_inputs_pitfalls(env):
     with pytest.raises(harness.PromptRejected, match="bigger than max"):
         harness.Executor(classes).run({"1": {"class_type": "Named", "inputs": {"a": 1, "b": 99}}})
     assert harness.Executor(classes).run({"1": {"class_type": "Everything", "inputs": {"a": 99, "b": 99}}})
+
+
+# ------------------------------------------------------------------------------------------------ speed and memory options
+def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
+    """The optional step_cache combo: validated like any combo, off when absent (older workflows), and when on the
+    core gets its options; with T-GATE the model runs the conditional batch alone after the gate."""
+    from nodes import sampling
+    from pixart_core.step_cache import StepCacheOptions
+    from pixart_core.transformer import PixArtTransformer
+
+    seen_options, batches = [], []
+    core, forward = sampling.generate_latents, PixArtTransformer.forward
+
+    def spy_core(*args, step_cache=None, **kwargs):
+        seen_options.append(step_cache)
+        return core(*args, step_cache=step_cache, **kwargs)
+
+    def spy_forward(self, x, *args, **kwargs):
+        batches.append((x.shape[0], "cross_attn_hook" in kwargs, "block_hook" in kwargs))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate_latents", spy_core)
+    monkeypatch.setattr(PixArtTransformer, "forward", spy_forward)
+
+    def latent(cache, sampler="dpmpp_2m"):
+        prompt = text_to_image(model=FILES["alpha"], sampler=sampler)
+        prompt["4"]["inputs"]["steps"] = 4
+        if cache is not None:
+            prompt["4"]["inputs"]["step_cache"] = cache
+        batches.clear()
+        return run(prompt)[0].last_results["4"][0]["samples"]
+
+    plain = latent(None)
+    assert seen_options[-1] is None and batches == [(2, False, False)] * 4
+    gated = latent("T-GATE")
+    assert seen_options[-1] == StepCacheOptions(tgate=True)
+    assert batches == [(2, True, False)] * 2 + [(1, True, False)] * 2  # CFG dropped after the gate (step 2 of 4)
+    assert 0 < (gated - plain).norm() / plain.norm() < 0.05  # the bound of test_step_cache (measured 0.03%)
+    latent("Δ-DiT", sampler="lcm")
+    assert seen_options[-1] == StepCacheOptions(delta_dit=True) and batches == [(1, False, True)] * 4
+    with pytest.raises(harness.PromptRejected) as err:
+        latent("faster")
+    assert [e["type"] for e in err.value.node_errors["4"]["errors"]] == ["value_not_in_list"]
+
+
+def test_loader_fp8_precision(env, monkeypatch):
+    from nodes import transformer_loader
+    from pixart_core.quantize import FP8_DTYPE, Fp8Linear
+
+    loader = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()
+    monkeypatch.setattr(transformer_loader, "FP8_DTYPE", None)  # a torch build without float8
+    with pytest.raises(PixArtError, match="fp8 needs float8 support.*int8"):
+        loader.load(FILES["alpha"], "fp8", "auto", "auto", "auto")
+    monkeypatch.undo()
+    if FP8_DTYPE is None:
+        pytest.skip("this torch build has no float8_e4m3fn")
+
+    def latent(precision):
+        prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m")
+        prompt["1"]["inputs"]["precision"] = precision
+        executor, _ = run(prompt)
+        return executor.last_results["1"], executor.last_results["4"][0]["samples"]
+
+    (model, info), fp8 = latent("fp8")
+    _, full = latent("auto")
+    module = model.module
+    assert module.quantization == "fp8" and "precision fp8" in info
+    assert any(isinstance(m, Fp8Linear) for m in module.blocks.modules())
+    assert module.blocks[0].attn.qkv.weight.dtype == FP8_DTYPE
+    cosine = torch.nn.functional.cosine_similarity(fp8.flatten(), full.flatten(), dim=0)
+    assert 0.995 < cosine and not torch.equal(fp8, full)  # test_quantize's bound (measured 0.99997)

@@ -287,3 +287,24 @@ def test_lcm_checkpoint_detection(tmp_path):
     assert not pl.is_lcm_checkpoint(tmp_path / "alpha_pipe" / "transformer")
     assert pl.is_lcm_checkpoint(tmp_path / "PixArt-LCM-XL-2-1024-MS.safetensors")
     assert not pl.is_lcm_checkpoint(tmp_path / "PixArt-XL-2-1024-MS.pth")
+
+
+# ------------------------------------------------------------------------------------------------ step caching
+def test_pipeline_passes_step_cache_through(models):
+    """PixArtPipeline(step_cache=...) reaches generate_latents (the caching itself: tests/test_step_cache.py)."""
+    _, ours = models["sigma"]
+    embeds, mask, _, _ = embeddings(1, seed=5)
+
+    class PromptEmbeddings:  # stands in for the T5 encoder: the prompt's embeddings, as encode() returns them
+        def encode(self, prompts, max_length, clean_caption):
+            return embeds, mask
+
+    pipe = pl.PixArtPipeline(ours, PromptEmbeddings(), vae=None)
+    kw = dict(width=128, height=128, binning=False, sampler="dpmpp_2m", steps=10, guidance_scale=1.0, seed=2)
+    run = lambda cache: pipe("a prompt", output_type="latent", step_cache=cache, **kw).latents  # noqa: E731
+    plain, cached = run(None), run("delta-dit")
+    assert torch.equal(run("off"), plain)
+    assert torch.equal(cached, pl.generate_latents(ours, embeds, mask, step_cache="delta-dit", **kw).latents)
+    assert 0 < ((cached - plain).norm() / plain.norm()).item() < 0.05
+    with pytest.raises(PixArtError, match="Unknown step cache 'fast'"):
+        run("fast")

@@ -134,7 +134,7 @@ def _node(node_id, kind, widgets=None, inputs=(), outputs=(), mode=0, title=None
 
 
 def test_bypassed_nodes_pass_their_matching_input_through_and_muted_nodes_drop_links():
-    lcm_widgets = [7, "fixed", 4, 64, 64, 1, 1.0]
+    lcm_widgets = [7, "fixed", 4, 64, 64, 1, 1.0, "off"]
     ui = _ui([
         _node(1, "LoadImage", ["photo.png", "image"], outputs=[("IMAGE", "IMAGE", [1, 3]), ("MASK", "MASK", None)]),
         _node(2, "PixArtDeltaHEDPreprocessor", ["ControlNetHED.pth"], inputs=[("image", "IMAGE", 1)],
@@ -156,7 +156,8 @@ def test_bypassed_nodes_pass_their_matching_input_through_and_muted_nodes_drop_l
     assert api["1"]["inputs"] == {"image": "photo.png"}  # the upload button's "image" is not sent
     assert api["3"] == {"inputs": {"filename_prefix": "x", "images": ["1", 0]}, "class_type": "SaveImage",
                         "_meta": {"title": "My save"}}
-    assert api["7"]["inputs"] == {"seed": 7, "steps": 4, "width": 64, "height": 64, "batch_size": 1, "denoise": 1.0}
+    assert api["7"]["inputs"] == {"seed": 7, "steps": 4, "width": 64, "height": 64, "batch_size": 1, "denoise": 1.0,
+                                 "step_cache": "off"}
     assert api["7"]["_meta"]["title"] == "PixArt-δ LCM Sampler"
 
 

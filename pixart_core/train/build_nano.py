@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundled import BASE_FILE, CONTROLNET_FILE, LCM_DIR, NANO_DIR
 from . import caption_checker, data
 from .common import build_t5, encode_pool, init_pixart_weights, nano_transformer_config
 from .controlnet_train import ControlNetTrainConfig, HintPool, train_controlnet
@@ -38,9 +39,6 @@ from .pretrain import PretrainConfig, pretrain
 from .tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
 from .vae_train import VAETrainConfig, train_vae
 
-LCM_DIR = "PixArt-nano-LCM"
-BASE_FILE = "PixArt-nano-base.safetensors"
-CONTROLNET_FILE = "PixArt-nano-ControlNet.safetensors"
 
 
 class Logger:
@@ -88,13 +86,13 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     init_pixart_weights(model, seed)
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, T5 "
         f"{sum(p.numel() for p in t5.parameters()) / 1e6:.2f} M, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
-    pres = pretrain(model, t5, tokenizer, pool, PretrainConfig(steps=_steps(3000, scale), seed=seed), log=log)
+    pres = pretrain(model, t5, tokenizer, pool, PretrainConfig(steps=_steps(2000, scale), seed=seed), log=log)
     teacher, t5 = pres.model, pres.text_encoder
     log(f"pre-training done in {pres.seconds:.0f}s")
     save_original_transformer(teacher, out / BASE_FILE)
 
     # 4. LCM distillation
-    lres = lcm_distill(teacher, t5, tokenizer, pool, LCMConfig(steps=_steps(600, scale), seed=seed), log=log)
+    lres = lcm_distill(teacher, t5, tokenizer, pool, LCMConfig(steps=_steps(400, scale), seed=seed), log=log)
     log(f"LCM distillation done in {lres.seconds:.0f}s")
     save_pipeline(out / LCM_DIR, lres.student, t5, tok_dir, vae, scheduler="lcm")
 
@@ -106,7 +104,7 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     edges, _ = data.batch(cscenes, edges=True)
     scale_f = vae.config.scaling_factor
     hpool = HintPool(encode_pool(vae, cimages, ccaptions, scale_f), encode_pool(vae, edges, ccaptions, scale_f))
-    cres = train_controlnet(teacher, t5, tokenizer, hpool, ControlNetTrainConfig(steps=_steps(600, scale), seed=seed),
+    cres = train_controlnet(teacher, t5, tokenizer, hpool, ControlNetTrainConfig(steps=_steps(500, scale), seed=seed),
                             log=log)
     log(f"ControlNet training done in {cres.seconds:.0f}s")
     save_controlnet(cres.controlnet, out / CONTROLNET_FILE)
@@ -191,7 +189,7 @@ def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="models/nano")
+    ap.add_argument("--out", default=str(NANO_DIR), help="default: models/nano of this project, where the loaders look")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every training step count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, default=20000, help="training scenes (latents computed once)")
