@@ -15,7 +15,9 @@ Decoding modes (see vae_tiling.py for how they work):
   "whole"  the untiled diffusers network (memory grows fast: tens of GB at 4K);
   "exact"  tiled, equal to "whole" up to float rounding; parks whole feature maps (memory grows with the image);
   "fast"   tiled with GroupNorm statistics estimated once; memory set by the tile size; no seams either;
-  "auto"   exact while its estimated memory fits the budget, else fast.
+  "auto"   on the CPU whole while its estimated memory fits the budget (it is the fastest: the network runs once, in
+           channels-last memory format, which oneDNN's convolutions prefer: 2.3x faster in bf16 here); then exact
+           while that fits; else fast.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .vae_tiling import (
     run_fast,
     step_sizes,
     tile_grid,
+    whole_peak_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,7 @@ class PixArtVAE(nn.Module):
         self.shift_factor = float(shift_factor) if shift_factor is not None else None
         self.latent_channels = int(model.config.latent_channels)
         self.stride = 2 ** (len(model.config.block_out_channels) - 1)
+        self._channels_last = False  # set once the untiled CPU path has converted the weights
 
     def __repr__(self) -> str:
         return (f"PixArtVAE(kind={self.kind!r}, scaling_factor={self.scaling_factor}, dtype={self.dtype}, "
@@ -317,6 +321,9 @@ class PixArtVAE(nn.Module):
                        * tile_size ** 2)
         else:
             work = min(device // 8, 512 << 20)
+        if mode == "auto" and self.device.type == "cpu" and tile_size is None:
+            if whole_peak_bytes(steps, size, channels, elem) + out_bytes <= host:
+                return Plan("whole", 0)
         exact = Plan("exact", work)
         fits = exact_peak_bytes(steps, size, channels, elem, work) + out_bytes <= host
         if mode == "exact" or (mode == "auto" and fits):
@@ -366,10 +373,18 @@ class PixArtVAE(nn.Module):
     def _whole(self, steps: list[Step], x: torch.Tensor, whole: Callable, runner: TileRunner) -> torch.Tensor:
         """The untiled diffusers network; on NaN/Inf, the same network untiled in the fallback dtype."""
         runner.check_interrupt()
-        y = whole(x.to(self.device, self.dtype))
+        x = x.to(self.device, self.dtype)
+        if self.device.type == "cpu":
+            # oneDNN's CPU convolutions are much faster on channels-last maps (measured 2.3x in bf16, 1.2x in fp32,
+            # full SD VAE). The weights are converted once, in place; the tile runner reads them as contiguous copies.
+            if not self._channels_last:
+                self.model.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = whole(x).contiguous()
         if not torch.isfinite(y).all():
             runner.escalate("the untiled VAE")
-            y = runner.run_exact(steps, x, 1 << 62)
+            y = runner.run_exact(steps, x.contiguous(), 1 << 62)
         runner.tick()
         return y.float()
 

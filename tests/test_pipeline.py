@@ -192,7 +192,9 @@ def test_binning_1000x600_matches_diffusers(models):
     ours_image = pl.latents_to_images(PixArtVAE(vae, "sd", vae.config.scaling_factor), result.latents, plan,
                                       mode="whole")
     assert tuple(ours_image.shape) == tuple(theirs_image.shape) == (1, 3, 600, 1000)
-    assert (ours_image - theirs_image).abs().max().item() <= 1e-4
+    # 1e-3 as for every VAE comparison (issue 6): on the CPU ours runs the network channels-last, another conv
+    # kernel whose float rounding differs (measured 2e-4 here, 1.7e-5 on the bare decoder output)
+    assert (ours_image - theirs_image).abs().max().item() <= 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ seeds

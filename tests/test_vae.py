@@ -140,13 +140,29 @@ def test_encode_sample_matches_diffusers_posterior_sample():
     assert (signed - vae.encode(image, mode="exact")).abs().max().item() < 1e-5
 
 
+def test_untiled_cpu_decode_runs_channels_last_and_equals_the_plain_network():
+    model = tiny_model()
+    reference = tiny_model()  # same seed, same weights, left as diffusers builds it
+    vae = PixArtVAE(model, "sd", 0.18215)
+    z = smooth_latents(24, 16)
+    with torch.no_grad():
+        want = reference.decode(z / 0.18215).sample
+    got = vae.decode(z, mode="whole", output="signed")
+    assert model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert got.is_contiguous() and (got - want).abs().max().item() < 1e-4  # float rounding of another conv kernel
+    # the tile runner on the converted weights (it reads contiguous copies) still equals the network
+    assert (vae.decode(z, mode="exact", output="signed", tile_size=64) - want).abs().max().item() < 1e-4
+
+
 def test_auto_mode_follows_the_memory_budget():
     model = tiny_model()
     vae = PixArtVAE(model, "sd", 0.18215)
-    from pixart_core.vae_tiling import decoder_steps
+    from pixart_core.vae_tiling import decoder_steps, whole_peak_bytes
 
     steps, shape = decoder_steps(model), (1, 4, 128, 128)
-    assert vae.plan(steps, shape, (128, 128), "auto", memory_budget=8 << 30).mode == "exact"
+    whole = whole_peak_bytes(steps, (128, 128), 4, 4) + 4 * 3 * 1024 * 1024  # the network, plus the fp32 image
+    assert vae.plan(steps, shape, (128, 128), "auto", memory_budget=whole).mode == "whole"  # the CPU's fastest
+    assert vae.plan(steps, shape, (128, 128), "auto", memory_budget=whole - 1).mode == "exact"
     small = vae.plan(steps, shape, (128, 128), "auto", memory_budget=64 << 20)
     assert small.mode == "fast" and small.tile < 128
     assert vae.plan(steps, shape, (128, 128), "auto", tile_size=256, memory_budget=64 << 20).tile == 32
