@@ -103,8 +103,9 @@ class PixArtDeltaVAEDecodeTiled:
                 "vae": (VAE, {"tooltip": "The VAE the latent belongs to (SD VAE for α/δ, SDXL VAE for Σ)."}),
                 "mode": (MODES, {"default": "auto",
                                  "tooltip": "exact: identical to an untiled decode, memory grows with the image; "
-                                            "fast: memory set by the tile, still seam-free; auto: exact while it "
-                                            "fits in memory."}),
+                                            "fast: memory set by the tile, still seam-free; auto: on the CPU the "
+                                            "untiled network (fastest) while it fits in memory, then exact while it "
+                                            "fits, else fast."}),
                 "tile_size": _TILE,
             }
         }
