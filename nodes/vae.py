@@ -87,7 +87,8 @@ class PixArtDeltaVAELoader:
 class PixArtDeltaVAEDecodeTiled:
     DESCRIPTION = ("Decodes a latent to an image tile by tile with shared GroupNorm statistics, so even 4K images "
                    "decode in limited memory without seams. exact equals an untiled decode; fast bounds memory by "
-                   "the tile size; auto picks exact while it fits.")
+                   "the tile size; auto picks the untiled network on the CPU while it fits (fastest), else exact "
+                   "while it fits, else fast.")
     CATEGORY = "PixArt-δ/latent"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
