@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         print(f"  diffusers {t:8.2f} s", flush=True)
     ours_best, ref_best = min(ours_times), min(ref_times)
     diff = (ours_img.float() - ref_img.float()).abs().max().item()
-    print(f"ours {ours_best:.2f} s, diffusers {ref_best:.2f} s ({args.clock} clock), ratio {ours_best / ref_best:.3f} (target <= 0.8); "
-          f"max abs image difference {diff:.3g} ({args.dtype})")
+    print(f"ours {ours_best:.2f} s, diffusers {ref_best:.2f} s ({args.clock} clock), ratio {ours_best / ref_best:.3f} "
+          f"(target <= 0.8); max abs image difference {diff:.3g} ({args.dtype})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""PixArt-nano, the tiny model trained by the project's own recipes: where its files go, and whether they are there.
+"""PixArt-nano, the tiny model trained by the project's own recipes: where its files go, and which the loaders offer.
 
 `python -m pixart_core.train.build_nano` writes them to models/nano in the same layouts the loaders read for real
 PixArt checkpoints, and the ComfyUI loaders then list them beside the user's own files. The weights are not in the
@@ -14,14 +14,6 @@ NANO_DIR = Path(__file__).resolve().parents[1] / "models" / "nano"
 LCM_DIR = "PixArt-nano-LCM"  # diffusers pipeline folder: LCM transformer, T5, tokenizer, VAE, LCMScheduler
 BASE_FILE = "PixArt-nano-base.safetensors"  # the pre-trained teacher, original PixArt key layout
 CONTROLNET_FILE = "PixArt-nano-ControlNet.safetensors"  # PixArt-δ ControlNet key layout
-IMAGE_SIZE = 64  # pixels; the model has no aspect-ratio bins, so it generates at the requested size
-
-
-def nano_pipeline_dir(root: Path | None = None) -> Path | None:
-    """The LCM pipeline folder, or None when the weights are not there (not built yet, or a trimmed install)."""
-    folder = (root or NANO_DIR) / LCM_DIR
-    parts = ("transformer", "text_encoder", "tokenizer", "vae")
-    return folder if all((folder / p).is_dir() for p in parts) else None
 
 
 # What the ComfyUI loaders list, per ComfyUI model folder: display name -> path under NANO_DIR (a file or a folder the

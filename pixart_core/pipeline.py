@@ -135,9 +135,7 @@ def generate_latents(
     "both" or StepCacheOptions; it trades a small change of the image for speed (step_cache.py).
     """
     sampler = sampler or default_sampler(transformer)
-    cache_options = step_cache_options(step_cache)
-    if cache_options is not None:
-        cache_options.check()  # a bad setting is reported before any work
+    cache_options = step_cache_options(step_cache)  # checked here, before any work
     spec = samplers.get_sampler(sampler)
     steps = spec.default_steps if steps is None else int(steps)
     guidance_scale = spec.default_guidance if guidance_scale is None else float(guidance_scale)

@@ -74,8 +74,11 @@ _ALIASES = {"none": "off", "δ-dit": "delta-dit", "deltadit": "delta-dit", "tgat
 
 def step_cache_options(mode: str | StepCacheOptions | None) -> StepCacheOptions | None:
     """Options for a mode name ("off"/"none", "delta-dit"/"Δ-DiT", "t-gate"/"T-GATE", "both"); options given as
-    StepCacheOptions (or None) are returned as they are."""
-    if mode is None or isinstance(mode, StepCacheOptions):
+    StepCacheOptions are checked and returned as they are (None too)."""
+    if mode is None:
+        return None
+    if isinstance(mode, StepCacheOptions):
+        mode.check()  # a bad setting is reported where it enters, before any work
         return mode
     key = str(mode).strip().lower()
     key = _ALIASES.get(key, key)

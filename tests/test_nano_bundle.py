@@ -36,11 +36,6 @@ def user_models(tmp_path, nano_root, monkeypatch):
     bridge.set_models_root(None)
 
 
-def test_pipeline_folder_is_found_only_when_complete(nano_root, tmp_path):
-    assert bundled.nano_pipeline_dir(nano_root) == nano_root / bundled.LCM_DIR
-    assert bundled.nano_pipeline_dir(tmp_path) is None
-
-
 def test_loaders_list_the_bundled_models_after_the_users_files(user_models, nano_root):
     assert bridge.list_models("diffusion_models") == [
         "my_pixart.safetensors", "PixArt-nano-LCM (bundled)", "PixArt-nano-base (bundled)"]
