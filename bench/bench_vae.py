@@ -1,12 +1,16 @@
 """Benchmark: seam-free tiled VAE decode (exact and fast) against diffusers' enable_tiling.
 
-Full mode: the full-size SD VAE (random weights, same seed everywhere) decodes smooth random latents at 2048x2048 and
-4096x4096 on this machine. Every configuration runs in its own subprocess so its peak resident memory (ru_maxrss, which
-includes Python, torch and the model) is its own; time is the decode call alone. The outputs are compared with our exact
-decode (which equals the untiled decode up to float rounding; the untiled decode itself does not fit at these sizes).
+Full mode: the full-size SD VAE (random weights, same seed everywhere) decodes smooth random latents at one output
+size per run, in bf16 by default (this CPU has AMX-BF16; fp32 at 4096 takes over 20 minutes per method). Every
+configuration runs in its own subprocess so its peak resident memory (ru_maxrss, which includes Python, torch and the
+model) is its own; time is the decode call alone. The baseline is diffusers' enable_tiling on the same weights with
+the model and latent in channels-last memory format (2.5x faster on this CPU than its default layout, so the stronger
+baseline; `--methods diffusers` runs the default layout). Outputs are compared with our exact decode where it runs
+(it equals the untiled decode up to float rounding; the untiled decode itself does not fit at these sizes).
 
-    python bench/bench_vae.py            # full: several minutes per configuration on a 2-core CPU
-    python bench/bench_vae.py --quick    # tiny VAE at 128x128, in-process, a few seconds (smoke test)
+    python bench/bench_vae.py --size 2048   # exact, fast, diffusers: under 10 minutes on this 2-core CPU
+    python bench/bench_vae.py --size 4096   # fast, diffusers (exact would need ~32 GB)
+    python bench/bench_vae.py --quick       # tiny VAE at 128x128, in-process, a few seconds (smoke test)
 
 Targets (issue 6): fast at 4096 within 3 GB peak; exact at 2048 within 10 GB; fast time <= 1.5x diffusers tiling.
 """
@@ -35,12 +39,16 @@ TINY = dict(block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderB
 DIFFUSERS_TILE = 512  # pixels; diffusers' default overlap 0.25
 
 
-def build_vae(tiny: bool) -> PixArtVAE:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SIZE_METHODS = {2048: ("exact", "fast", "diffusers_cl"), 4096: ("fast", "diffusers_cl")}
+
+
+def build_vae(tiny: bool, dtype: torch.dtype = torch.float32) -> PixArtVAE:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     config = TINY if tiny else {k: v for k, v in SD_VAE_CONFIG.items() if k != "force_upcast"}
-    return PixArtVAE(AutoencoderKL(**config), "sd", 0.18215)
+    return PixArtVAE(AutoencoderKL(**config), "sd", 0.18215).to(dtype=dtype)
 
 
 def smooth_latents(h: int, w: int, seed: int = 1) -> torch.Tensor:
@@ -53,25 +61,30 @@ def smooth_latents(h: int, w: int, seed: int = 1) -> torch.Tensor:
     return low + 1.5 * yy * xx + 0.3 * torch.randn(1, 4, h, w, generator=g)
 
 
-def vm_rss() -> int:
+def vm_status(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
 def decode(vae: PixArtVAE, z: torch.Tensor, method: str, budget: int | None,
            diffusers_tile: int = DIFFUSERS_TILE) -> tuple[torch.Tensor, str]:
-    if method == "diffusers":
+    if method in ("diffusers", "diffusers_cl"):
         model = vae.model
+        if method == "diffusers_cl":
+            model.to(memory_format=torch.channels_last)
+            z = z.contiguous(memory_format=torch.channels_last)
         model.enable_tiling()
         model.tile_sample_min_size = diffusers_tile
         model.tile_latent_min_size = diffusers_tile // 8
         with torch.inference_mode():
-            out = model.decode(z / vae.scaling_factor).sample
+            out = model.decode((z / vae.scaling_factor).to(model.dtype)).sample
         model.disable_tiling()
-        return out, f"tile {diffusers_tile}px overlap 0.25"
+        layout = ", channels-last" if method == "diffusers_cl" else ""
+        return out, f"tile {diffusers_tile}px overlap 0.25{layout}"
     mode = method
     from pixart_core.vae_tiling import decoder_steps
 
@@ -83,17 +96,17 @@ def decode(vae: PixArtVAE, z: torch.Tensor, method: str, budget: int | None,
 
 def child(spec: dict) -> None:
     torch.set_num_threads(spec.get("threads", 2))
-    vae = build_vae(spec.get("tiny", False))
+    vae = build_vae(spec.get("tiny", False), DTYPES[spec.get("dtype", "fp32")])
     lat = spec["size"] // 8
     z = smooth_latents(lat, lat)
-    before = vm_rss()
+    before = vm_status("VmRSS")
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out, detail = decode(vae, z, spec["method"], spec.get("budget"))
     seconds = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - usage0.ru_utime - usage0.ru_stime
-    peak = usage.ru_maxrss * 1024
+    peak = max(usage.ru_maxrss * 1024, vm_status("VmHWM"))
     if spec.get("save"):
         np.save(spec["save"], out[0].float().numpy())
     print(json.dumps(dict(spec, seconds=seconds, cpu_seconds=cpu, peak_bytes=peak, rss_before=before, detail=detail,
@@ -124,31 +137,29 @@ def table(rows: list[dict]) -> str:
 
 def full(args) -> None:
     fast_budget = int(args.fast_budget * 1e9)
-    configs = [(2048, "exact", None), (2048, "fast", fast_budget), (2048, "diffusers", None),
-               (4096, "fast", fast_budget), (4096, "diffusers", None)]
+    methods = args.methods or SIZE_METHODS[args.size]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size, method, budget in configs:
-            if args.sizes and size not in args.sizes:
-                continue
-            save = os.path.join(tmp, f"{method}_{size}.npy")
-            rows.append(run_child(dict(size=size, method=method, budget=budget, save=save, threads=args.threads)))
+        for method in methods:
+            save = os.path.join(tmp, f"{method}.npy")
+            spec = dict(size=args.size, method=method, budget=fast_budget if method == "fast" else None, save=save,
+                        threads=args.threads, dtype=args.dtype)
+            rows.append(run_child(spec))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "save"}), flush=True)
+        ref_path = os.path.join(tmp, "exact.npy")
         for r in rows:
-            ref_path = os.path.join(tmp, f"exact_{r['size']}.npy")
             if "error" in r or r["method"] == "exact" or not os.path.exists(ref_path):
                 continue
             diff = np.abs(np.load(r["save"]) - np.load(ref_path))
             r["max_diff"], r["mean_diff"] = f"{diff.max():.3f}", f"{diff.mean():.4f}"
+    print(f"{args.dtype}, {args.threads} thread(s)")
     print(table(rows))
-    by = {(r["size"], r["method"]): r for r in rows if "error" not in r}
-    for size in (2048, 4096):
-        if (size, "fast") in by and (size, "diffusers") in by:
-            fast, theirs = by[(size, "fast")], by[(size, "diffusers")]
-            line = f"fast / diffusers at {size}: wall {fast['seconds'] / theirs['seconds']:.2f}"
-            if "cpu_seconds" in fast and "cpu_seconds" in theirs:
-                line += f", CPU {fast['cpu_seconds'] / theirs['cpu_seconds']:.2f}"
-            print(line)
+    by = {r["method"]: r for r in rows if "error" not in r}
+    for baseline in ("diffusers_cl", "diffusers"):
+        if "fast" in by and baseline in by:
+            fast, theirs = by["fast"], by[baseline]
+            print(f"fast / {baseline} at {args.size}: wall {fast['seconds'] / theirs['seconds']:.2f}, "
+                  f"CPU {fast['cpu_seconds'] / theirs['cpu_seconds']:.2f}")
 
 
 def quick() -> None:
@@ -176,7 +187,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny VAE, in-process, seconds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="*", help="only these output sizes (2048, 4096)")
+    parser.add_argument("--size", type=int, choices=sorted(SIZE_METHODS), default=2048, help="output size (px)")
+    parser.add_argument("--methods", nargs="*", choices=("exact", "fast", "diffusers", "diffusers_cl"),
+                        help="default: exact, fast, diffusers_cl at 2048; fast, diffusers_cl at 4096")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--fast-budget", type=float, default=2.2, help="memory_budget for fast mode, GB")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

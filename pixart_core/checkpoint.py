@@ -29,7 +29,7 @@ from .checkpoint_formats import (
     strip_prefix,
     verify_plan,
 )
-from .config import ALPHA, SIGMA, PixArtConfig, default_pe_interpolation
+from .config import ALPHA, EPSILON, PREDICTION_TYPES, SIGMA, PixArtConfig, default_pe_interpolation
 from .errors import PixArtError
 from .quantize import return_freed_memory
 from .transformer import PixArtTransformer
@@ -80,6 +80,7 @@ class Detection:
             "qk_norm": c.qk_norm,
             "kv_compress_layers": list(c.kv_compress_layers),
             "learned_sigma": c.learned_sigma,
+            "prediction_type": c.prediction_type,
             "null_embedding": c.has_null_embedding,
             "latent_scale": c.latent_scale,
             "has_controlnet": self.has_controlnet,
@@ -131,8 +132,10 @@ def _count_blocks(shapes: dict[str, tuple]) -> int:
     return depth
 
 
-def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides: dict | None = None) -> Detection:
-    """Work out the model from key names and shapes (no tensor data needed, so it also runs on the meta device)."""
+def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides: dict | None = None,
+           prediction_type: str | None = None) -> Detection:
+    """Work out the model from key names and shapes (no tensor data needed, so it also runs on the meta device).
+    prediction_type: what the files record (StateDictSource.prediction_type); epsilon when they record nothing."""
     keys = list(shapes)
     overrides = dict(overrides or {})
     file_config = file_config or {}
@@ -239,16 +242,19 @@ def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides:
     if micro_override is not None and bool(micro_override) != micro:
         raise PixArtError("micro_conditions cannot be overridden: the file "
                           f"{'has' if micro else 'has no'} size/aspect-ratio embedders.")
+    prediction = overrides.pop("prediction_type", None) or prediction_type or EPSILON
+    if prediction not in PREDICTION_TYPES:
+        raise PixArtError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {prediction!r}.")
     if overrides:
         raise PixArtError(f"Unknown override(s): {sorted(overrides)}. Known: num_heads, family, text_len, "
-                          "sample_size, pe_interpolation.")
+                          "sample_size, pe_interpolation, prediction_type.")
 
     config = PixArtConfig(
         family=family, depth=depth, hidden_size=hidden, num_heads=int(heads), patch_size=patch,
         in_channels=in_ch, out_channels=out_channels, caption_channels=caption_channels, text_len=int(text_len),
         micro_conditions=micro, sample_size=int(sample_size), pe_interpolation=float(pe_interp), qk_norm=qk_norm,
         kv_compress_layers=kv_layers, kv_compress_scale=int(kv_scale), has_null_embedding=y_emb is not None,
-        mlp_ratio=mlp_ratio,
+        mlp_ratio=mlp_ratio, prediction_type=prediction,
     )
     plan.pop("pos_embed", None)  # recomputed for every size
     return Detection(config, layout, plan, assumed, controlnet_keys, controlnet_layout)
@@ -277,7 +283,7 @@ def load_transformer(
 ) -> PixArtTransformer:
     """Load any supported PixArt checkpoint. The model's `.detection` says what was found."""
     source = path if isinstance(path, StateDictSource) else open_checkpoint(path)
-    detection = detect(source.shapes(), source.config, overrides)
+    detection = detect(source.shapes(), source.config, overrides, source.prediction_type)
     model = build_empty(detection.config)
     _verify_keys(model, detection.plan, source.shapes())
     state = materialise(source, detection.plan, dtype)
@@ -293,7 +299,7 @@ def load_transformer(
 def describe(path: str | os.PathLike, overrides: dict | None = None) -> dict:
     """What a checkpoint is, without loading its weights."""
     source = open_checkpoint(path)
-    detection = detect(source.shapes(), source.config, overrides)
+    detection = detect(source.shapes(), source.config, overrides, source.prediction_type)
     _verify_keys(build_empty(detection.config), detection.plan, source.shapes())
     info = detection.summary()
     info["path"] = str(Path(path))

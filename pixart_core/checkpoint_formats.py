@@ -39,11 +39,16 @@ class StateDictSource:
         self._dtypes: dict[str, torch.dtype] = {}
         self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its file
         self.config = config  # diffusers config.json, when there is one
+        # What the network predicts, where the files record it (a single file's safetensors metadata, or the
+        # pipeline's scheduler_config.json beside a diffusers transformer folder); None when they do not say.
+        self.prediction_type: str | None = None
         if tensors is not None:
             self._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
             self._dtypes = {k: v.dtype for k, v in tensors.items()}
         for f in self._files:
-            for key, shape, dtype, offsets in _safetensors_header(f):
+            entries, metadata = _safetensors_header(f)
+            self.prediction_type = self.prediction_type or metadata.get("prediction_type")
+            for key, shape, dtype, offsets in entries:
                 self._index[key] = f
                 self._shapes[key] = shape
                 self._dtypes[key] = dtype
@@ -109,9 +114,9 @@ def _read_cast(f, nbytes: int, src: torch.dtype, dest: torch.Tensor, staging: to
     return staging
 
 
-def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype, tuple[int, int]]]:
+def _safetensors_header(path: Path) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype, tuple[int, int]]], dict]:
     """Keys, shapes, dtypes and byte ranges from a safetensors header, checked against the file size (truncation
-    shows here, before anything is read)."""
+    shows here, before anything is read), and the header's string metadata."""
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -124,6 +129,8 @@ def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dt
             header = json.loads(f.read(n))
         out = []
         end = 0
+        metadata = header.get("__metadata__")
+        metadata = metadata if isinstance(metadata, dict) else {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
@@ -138,7 +145,7 @@ def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...], torch.dt
     if 8 + n + end > size:
         raise PixArtError(f"{path.name} is truncated: the header promises {8 + n + end} bytes but the file has {size}. "
                           "The download was probably interrupted; download it again.")
-    return out
+    return out, metadata
 
 
 # Pickle opcodes that import or call something (INST, OBJ, REDUCE, BUILD, NEWOBJ, NEWOBJ_EX, EXT1-4): a file the
@@ -233,7 +240,11 @@ def open_checkpoint(path: str | os.PathLike) -> StateDictSource:
         config = None
         if (folder / "config.json").is_file():
             config = json.loads((folder / "config.json").read_text())
-        return StateDictSource(path, files=files, config=config)
+        source = StateDictSource(path, files=files, config=config)
+        scheduler_config = folder.parent / "scheduler" / "scheduler_config.json"
+        if folder.name == "transformer" and scheduler_config.is_file():  # a pipeline records it in its scheduler
+            source.prediction_type = json.loads(scheduler_config.read_text()).get("prediction_type")
+        return source
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         config_file = path.with_name("config.json")
         config = json.loads(config_file.read_text()) if config_file.is_file() else None

@@ -14,6 +14,12 @@ SIGMA = "sigma"
 # VAE latent scale of each family: α/δ use sd-vae-ft-ema, Σ uses the SDXL VAE.
 LATENT_SCALE = {ALPHA: 0.18215, SIGMA: 0.13025}
 
+# What the network's first in_channels outputs are, in diffusers' scheduler names. Released PixArt models predict
+# epsilon; a v_prediction model (PixArt-nano) is read as epsilon by the samplers (guidance.GuidedEpsilon).
+EPSILON = "epsilon"
+V_PREDICTION = "v_prediction"
+PREDICTION_TYPES = (EPSILON, V_PREDICTION)
+
 # Position-embedding interpolation by training size (latent px), from the official inference and convert scripts
 # (pixart-reference.md §1.3.4). α-256 is 1.0: the diffusers script's 0.5 for α-256 is defined but never used.
 PE_INTERPOLATION = {
@@ -41,6 +47,7 @@ class PixArtConfig:
     kv_compress_scale: int = 2
     has_null_embedding: bool = True
     mlp_ratio: float = 4.0
+    prediction_type: str = EPSILON
 
     def __post_init__(self) -> None:
         self.kv_compress_layers = tuple(int(i) for i in self.kv_compress_layers)

@@ -10,6 +10,8 @@ Classifier-free guidance as diffusers' PixArt pipelines do it:
 - both halves in ONE batch, [uncond, cond], each half with its own text mask (the empty prompt's mask is 1 token);
 - `uncond + s * (cond - uncond)` applied to all output channels, then the first 4 (epsilon) are kept. The original
   IDDPM code guided only 3 channels; that quirk is not copied (pixart-reference.md §1.5).
+A v-prediction model (config.prediction_type "v_prediction", PixArt-nano) is guided on v (ε is affine in v with
+the same x_t for both halves, so this equals guiding ε) and its result converted to ε for the samplers.
 The model runs in its own dtype; guidance and everything after it are computed in float32.
 """
 
@@ -20,8 +22,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import V_PREDICTION
 from .controlnet import step_of_timestep
 from .errors import PixArtError
+from .schedule import ddpm_schedule
 from .step_cache import StepCacheOptions, make_step_cache
 from .transformer import TextConditioning
 
@@ -88,6 +92,8 @@ class GuidedEpsilon:
         self.interrupt = interrupt
         self.batch_size = batch_size
         self.in_channels = model.config.in_channels
+        # a v model's output becomes ε with the training schedule's noise level at t
+        self.v_schedule = ddpm_schedule() if getattr(model.config, "prediction_type", None) == V_PREDICTION else None
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         if self.do_cfg:
@@ -126,21 +132,24 @@ class GuidedEpsilon:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.interrupt is not None and self.interrupt():
             raise Interrupted("Generation interrupted.")
-        model_x = x.to(self.model.dtype)
+        model_x, model_t = x.to(self.model.dtype), t
         # T-GATE drops guidance after its gate step: the conditional batch alone, its output used as eps
         cfg = self.do_cfg and (self.cache is None or self.cache.guidance_needed(t))
         if cfg:
             model_x = torch.cat([model_x, model_x])
-            t = torch.cat([t, t])
-        controls = self._controls_at(t)
-        extra = {} if self.cache is None else self.cache.model_kwargs(t, cfg=cfg, controls=controls)
-        out = self.model(model_x, t, self.text if cfg else self.cond_text,
+            model_t = torch.cat([t, t])
+        controls = self._controls_at(model_t)
+        extra = {} if self.cache is None else self.cache.model_kwargs(model_t, cfg=cfg, controls=controls)
+        out = self.model(model_x, model_t, self.text if cfg else self.cond_text,
                          resolution=self.resolution, aspect_ratio=self.aspect_ratio, controls=controls,
                          **extra).float()
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + self.guidance_scale * (cond - uncond)
-        return out[:, : self.in_channels]
+        out = out[:, : self.in_channels]
+        if self.v_schedule is not None:
+            out = self.v_schedule.eps_from_v(x, out, t)
+        return out
 
     def _controls_at(self, t: torch.Tensor) -> Optional[list]:
         if not self.controls:

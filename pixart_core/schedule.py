@@ -56,6 +56,16 @@ class DiscreteSchedule:
         return float((1 - w) * sigmas[lo] + w * sigmas[hi])
 
 
+    def eps_from_v(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε from a v-prediction (v = α_t·ε - σ_t·x0 in VP terms): ε = α_t·v + σ_t·x_t, with α_t = 1/sqrt(1+σ²) and
+        σ_t = σ·α_t from the interpolated σ(t), the same noise level the samplers assume at a fractional t.
+        x, v: (B, C, H, W); t: (B,) timesteps. Computed in float32."""
+        sigma = torch.tensor([self.sigma(float(ti)) for ti in t.reshape(-1)], dtype=torch.float64)
+        alpha = (1.0 / torch.sqrt(sigma * sigma + 1.0)).float().to(v.device).view(-1, 1, 1, 1)
+        sigma_t = (sigma.float().to(v.device).view(-1, 1, 1, 1)) * alpha
+        return alpha * v.float() + sigma_t * x.float()
+
+
 def ddpm_schedule() -> DiscreteSchedule:
     """The PixArt training schedule (linear betas 1e-4..0.02 over 1000 steps)."""
     betas = torch.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float32)

@@ -73,6 +73,9 @@ SDXL_VAE_CONFIG: dict[str, Any] = dict(_BLOCKS, sample_size=1024, scaling_factor
 KIND_CONFIG = {SD: SD_VAE_CONFIG, SDXL: SDXL_VAE_CONFIG}
 
 MODES = ("auto", "exact", "fast", "whole")
+# fast mode's mid-block attention reads at most this many key pixels (a 1024 px image's whole latent): exact up to
+# 1024 px, every 2nd pixel at 2048, every 4th at 4096 (where all keys would cost ~140 TFLOP)
+FAST_ATTENTION_KEYS = 128 * 128
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 _SINGLE_FILE_EXT = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
@@ -299,8 +302,8 @@ class PixArtVAE(nn.Module):
         exact: each step is tiled so one tile's work stays under an eighth of the compute budget (at most 512 MiB;
         with tile_size, the work of a tile_size x tile_size tile at image resolution); auto takes exact if its
         estimated peak fits the budget. fast: the largest independent tile (latent pixels) whose estimated peak fits
-        the budget, or tile_size / 8. Fast mode's floor is the latent-resolution part (mid-block attention keeps the
-        map, K and V: about 1.5 GB at 4096x4096 in fp32)."""
+        the budget, or tile_size / 8. Fast mode's floor is the latent-resolution part (conv_in, mid block and first
+        up block over whole latent-sized maps: estimated 2.4 GB at 4096x4096 in fp32, 1.6 GB in bf16)."""
         if mode not in MODES:
             raise PixArtError(f"mode must be one of {MODES}, not {mode!r}.")
         if tile_size is not None and (tile_size < 16 or tile_size % 8):
@@ -335,10 +338,10 @@ class PixArtVAE(nn.Module):
         tiles = (tile_size // 8,) if tile_size is not None else (128, 96, 80, 64, 48, 32, 24, 16)
         for t in tiles:  # the largest tile (speed), then the largest statistics pass (accuracy) that fit
             for area in (0, 128 * 128, 96 * 96, 64 * 64, 48 * 48, 32 * 32):
-                plan = Plan("fast", work, t, area)
+                plan = Plan("fast", work, t, area, FAST_ATTENTION_KEYS)
                 if fast_peak_bytes(steps, size, channels, latent, plan, elem, floor=False) + out_bytes <= budget:
                     return plan
-        return Plan("fast", work, tiles[-1], 32 * 32)
+        return Plan("fast", work, tiles[-1], 32 * 32, FAST_ATTENTION_KEYS)
 
     def _run(self, steps: list[Step], x: torch.Tensor, latent: tuple[int, int], mode: str,
              tile_size: Optional[int], memory_budget: Optional[int], callback, interrupt,
@@ -350,7 +353,11 @@ class PixArtVAE(nn.Module):
             peak = exact_peak_bytes(steps, (x.shape[2], x.shape[3]), x.shape[1], elem, plan.work_bytes)
             if peak <= self._budgets(memory_budget)[1]:
                 park = device  # the whole run fits on the GPU: no round trips to host memory
-        runner = TileRunner(device, park, self.dtype, fallback_dtype_for(device), callback, interrupt)
+        channels_last = device.type == "cpu" and plan.mode != "whole"
+        if channels_last:
+            self._to_channels_last()
+        runner = TileRunner(device, park, self.dtype, fallback_dtype_for(device), callback, interrupt,
+                            channels_last=channels_last)
         if plan.mode == "fast" and len(tile_grid(latent, plan.tile)) == 1:
             plan = Plan("exact", plan.work_bytes)  # a single tile: exact costs the same and needs no estimate
         log.debug("VAE run over %s: %s", tuple(x.shape), plan)
@@ -363,9 +370,9 @@ class PixArtVAE(nn.Module):
             if plan.mode == "whole":
                 outputs.append(self._whole(steps, sample, whole, runner))
             elif plan.mode == "exact":
-                outputs.append(runner.run_exact(steps, sample, plan.work_bytes).float())
+                outputs.append(runner.run_exact(steps, sample, plan.work_bytes).float().contiguous())
             else:
-                outputs.append(run_fast(runner, steps, sample, latent, plan).float())
+                outputs.append(run_fast(runner, steps, sample, latent, plan).float().contiguous())
         cpu = torch.device("cpu")
         return outputs[0].to(cpu) if len(outputs) == 1 else torch.cat(outputs).to(cpu)
 
@@ -374,10 +381,7 @@ class PixArtVAE(nn.Module):
         runner.check_interrupt()
         x = x.to(self.device, self.dtype)
         if self.device.type == "cpu":
-            # oneDNN's CPU convolutions are much faster on channels-last maps (measured 2.3x in bf16, 1.2x in fp32,
-            # full SD VAE). The weights are converted once, in place; the tile runner reads them as contiguous copies.
-            if not self.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
-                self.model.to(memory_format=torch.channels_last)
+            self._to_channels_last()
             x = x.contiguous(memory_format=torch.channels_last)
         y = whole(x).contiguous()
         if not torch.isfinite(y).all():
@@ -385,6 +389,12 @@ class PixArtVAE(nn.Module):
             y = runner.run_exact(steps, x.contiguous(), 1 << 62)
         runner.tick()
         return y.float()
+
+    def _to_channels_last(self) -> None:
+        """oneDNN's CPU convolutions are much faster on channels-last maps and weights (full SD VAE, untiled: 2.3x in
+        bf16, 1.2x in fp32); on the CPU every mode runs that way. The weights are converted once, in place."""
+        if not self.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            self.model.to(memory_format=torch.channels_last)
 
 
 def _finish_image(images: torch.Tensor, output: str) -> torch.Tensor:
@@ -580,8 +590,13 @@ def _shape_config(state: dict) -> dict:
 
 def _build(config: dict, state: dict, path: str) -> AutoencoderKL:
     known = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
-    with torch.device("meta"):
-        model = AutoencoderKL(**{k: v for k, v in config.items() if k in known})
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL(**{k: v for k, v in config.items() if k in known})
+    except (ValueError, TypeError) as e:  # e.g. GroupNorm: channels not divisible by norm_num_groups
+        raise PixArtError(f"{path}: its tensor shapes do not fit the SD/SDXL VAE settings ({e}). A non-standard VAE "
+                          "needs its config.json: load it as a diffusers folder, or pass config_overrides (e.g. "
+                          "norm_num_groups).") from e
     decoder_only = not any(k.startswith("encoder.") for k in state)
     expected = set(model.state_dict())
     if decoder_only:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pixart_core.schedule import ddpm_schedule
 from pixart_core.train import caption_checker, common, data
 from pixart_core.train.common import LatentPool, TrainSchedule
 from pixart_core.train.controlnet_train import ControlNetTrainConfig, HintPool, controlnet_from_base, train_controlnet
@@ -42,6 +43,9 @@ def pool():
         rescale_latents(vae, images)
         img = common.encode_pool(vae, images, captions, 0.18215)
         hint = common.encode_pool(vae, edges, captions, 0.18215)
+    # a trained nano VAE's posterior is nearly deterministic (std ~0.02 against latents of std 1); the untrained one's
+    # is not (std ~1 before the rescaling, ~8 after), so keep only its means
+    img.std, hint.std = torch.zeros_like(img.std), torch.zeros_like(hint.std)
     return img, HintPool(img, hint)
 
 
@@ -103,6 +107,24 @@ def test_vae_recipe_loss_falls():
     assert _falls(result.losses, 3)
 
 
+def test_vae_rescale_standardises_each_channel_exactly():
+    torch.manual_seed(0)
+    vae = common.build_vae(0).eval()
+    images, _ = data.batch(data.make_scenes(4, 16))
+    with torch.no_grad():
+        dist = vae.encode(images).latent_dist
+        before_std = dist.std
+        before = vae.decode(dist.mean).sample
+        k = rescale_latents(vae, images)
+        dist = vae.encode(images).latent_dist
+        after = vae.decode(dist.mean).sample
+    z = dist.mean * 0.18215
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (z.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4
+    assert torch.allclose(dist.std, before_std * k.view(1, -1, 1, 1), rtol=1e-3)
+    assert (after - before).abs().max() < 1e-4  # decode(encode(x)) unchanged
+
+
 def test_pretrain_loss_falls_and_v_prediction_option(pretrained, tokenizer, pool):
     assert _falls(pretrained.losses)
     assert not torch.equal(pretrained.model.y_embedder.y_embedding, torch.zeros_like(pretrained.model.y_embedder.y_embedding))
@@ -121,6 +143,8 @@ def test_pretrain_loss_falls_and_v_prediction_option(pretrained, tokenizer, pool
     text = res.model.prepare_text(torch.randn(2, 5, T5_WIDTH))
     v = res.model(xt, t.float(), text)[:, :4]
     assert torch.allclose(wrapped(xt, t.float(), text)[:, :4], sched.eps_from_v(xt, v, t), atol=1e-5)
+    # the samplers' conversion (guidance.py, through schedule.py) agrees with the training one at integer t
+    assert torch.allclose(ddpm_schedule().eps_from_v(xt, v, t), sched.eps_from_v(xt, v, t), atol=1e-4)
 
 
 def test_lcm_distillation_loss_falls(pretrained, tokenizer, pool):
@@ -132,6 +156,43 @@ def test_lcm_distillation_loss_falls(pretrained, tokenizer, pool):
     assert _falls(result.losses)
     # the teacher is untouched
     assert all(not p.requires_grad for p in pretrained.model.parameters())
+
+
+def test_v_prediction_path_of_the_nano_build(tokenizer, pool, tmp_path):
+    """The nano build's path: a v-prediction teacher, a v LCM student that starts as the teacher, a ControlNet trained
+    on the v base, and files that record v_prediction where diffusers does, which the loaders read back."""
+    import json
+
+    from safetensors import safe_open
+
+    from pixart_core.checkpoint import load_transformer
+    from pixart_core.train.export import save_original_transformer, save_pipeline
+
+    folder, tok = tokenizer
+    t5 = common.build_t5(len(tok), 2, d_model=T5_WIDTH)
+    res = pretrain(_tiny_model(2), t5, tok, pool[0], PretrainConfig(steps=15, batch_size=16, lr=2e-3, warmup=3,
+                                                                    prediction="v"), log_every=0)
+    teacher, t5 = res.model, res.text_encoder
+    assert teacher.config.prediction_type == "v_prediction"
+    lcm = lcm_distill(teacher, t5, tok, pool[0], LCMConfig(steps=20, batch_size=8, lr=1e-3, warmup=3), log_every=0)
+    assert _falls(lcm.losses)
+    assert type(lcm.student) is PixArtTransformer  # the plain transformer is what gets saved, not the wrapper
+    assert lcm.student.config.prediction_type == "v_prediction"
+    # the wrapper forwards what the recipes read from a transformer
+    wrapped = VPredictionAsEpsilon(teacher)
+    assert wrapped.config is teacher.config and wrapped.blocks is teacher.blocks
+    cn = train_controlnet(teacher, t5, tok, pool[1], ControlNetTrainConfig(steps=25, batch_size=16, lr=2e-3, warmup=3),
+                          log_every=0)
+    assert _falls(cn.losses)
+    for model, expected in ((teacher, "v_prediction"), (_tiny_model(2), "epsilon")):
+        path = save_original_transformer(model, tmp_path / f"{expected}.safetensors", dtype=None)
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["prediction_type"] == expected
+        assert load_transformer(path).config.prediction_type == expected
+    save_pipeline(tmp_path / "pipe", lcm.student, t5, folder, common.build_vae(0).eval(), dtype=None)
+    sched = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["_class_name"] == "LCMScheduler"
+    assert load_transformer(tmp_path / "pipe").config.prediction_type == "v_prediction"
 
 
 def test_controlnet_starts_as_the_base_and_loss_falls(pretrained, tokenizer, pool):

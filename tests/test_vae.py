@@ -357,6 +357,17 @@ def test_folder_and_ldm_single_file_load_identical_weights(tmp_path):
     assert half.dtype == torch.float16
 
 
+def test_single_file_with_non_sd_group_norm_asks_for_its_config(tmp_path):
+    """A 16-channel VAE (like PixArt-nano's) cannot use SD's 32 GroupNorm groups: a clear error naming the way
+    out, not diffusers' ValueError; with the override it loads the same weights."""
+    model = tiny_model(block_out_channels=(16, 32, 32, 64))
+    save_file(to_ldm(model.state_dict()), tmp_path / "nano_vae.safetensors")
+    with pytest.raises(PixArtError, match="config_overrides"):
+        load_vae(tmp_path / "nano_vae.safetensors", kind="sd")
+    vae = load_vae(tmp_path / "nano_vae.safetensors", kind="sd", config_overrides={"norm_num_groups": 8})
+    assert same_weights(vae.model, model)
+
+
 def test_decoder_only_file_decodes_but_refuses_to_encode(tmp_path):
     model = tiny_model()
     decoder_only = {k: v for k, v in to_ldm(model.state_dict()).items() if not k.startswith(("encoder.", "quant_conv"))}

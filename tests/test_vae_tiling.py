@@ -6,13 +6,17 @@ import torch.nn as nn
 from diffusers import AutoencoderKL
 
 from pixart_core.vae_tiling import (
+    AttentionStep,
     ConvStep,
     Moments,
+    Plan,
     TileRunner,
     decoder_steps,
     encoder_steps,
     exact_tiles,
     fast_parts,
+    key_stride,
+    run_fast,
 )
 
 CPU = torch.device("cpu")
@@ -25,8 +29,8 @@ def tiny_model(groups: int = 8) -> AutoencoderKL:
                          norm_num_groups=groups).eval()
 
 
-def runner() -> TileRunner:
-    return TileRunner(CPU, CPU, torch.float32, torch.float32)
+def runner(channels_last: bool = False) -> TileRunner:
+    return TileRunner(CPU, CPU, torch.float32, torch.float32, channels_last=channels_last)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,6 +101,55 @@ def test_independent_tiles_with_true_statistics_equal_untiled(model, inputs, whi
     if parts.post:
         out = r.run_exact(parts.post, out, 1 << 30)
     assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_channels_last_runner_equals_the_untiled_network(model, inputs):
+    """The CPU speed path (maps and weights channels-last) computes the same numbers, exact and fast."""
+    z, x, dec, enc = inputs
+    cl_model = tiny_model().to(memory_format=torch.channels_last)
+    out = runner(channels_last=True).run_exact(decoder_steps(cl_model), z.clone(), 100_000)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out - dec).abs().max().item() < 1e-4
+    out = runner(channels_last=True).run_exact(encoder_steps(cl_model), x.clone(), 1 << 20)
+    assert (out - enc).abs().max().item() < 1e-4
+    plan = Plan("fast", 1 << 30, 6)
+    plain = run_fast(runner(), decoder_steps(model), z.clone(), (12, 16), plan)
+    fast_cl = run_fast(runner(channels_last=True), decoder_steps(cl_model), z.clone(), (12, 16), plan)
+    assert (fast_cl - plain).abs().max().item() < 1e-4
+
+
+def test_key_stride_keeps_at_most_max_keys():
+    assert key_stride((512, 512), 128 * 128) == 4 and key_stride((256, 256), 128 * 128) == 2
+    assert key_stride((128, 128), 128 * 128) == 1 and key_stride((512, 512), 0) == 1
+    for h in range(1, 40):
+        for w in range(1, 40, 3):
+            for max_keys in (1, 5, 48, 300):
+                s = key_stride((h, w), max_keys)
+                kept = len(range(s // 2, h, s)) * len(range(s // 2, w, s))
+                assert kept >= 1  # never an attention over no keys
+                if s < 2 * min(h, w) - 1:  # not capped by a thin map
+                    assert kept <= max(max_keys, h * w if s == 1 else 0)
+
+
+@pytest.mark.parametrize("work_bytes", [1 << 30, 20_000], ids=["one-strip", "row-strips"])
+def test_subsampled_attention_equals_diffusers_attention_over_those_keys(model, work_bytes):
+    """Fast mode's bounded attention: queries from every pixel, keys and values from every 2nd pixel of every 2nd
+    row (offset 1), normalised with the whole map's statistics; the same as diffusers' Attention given exactly
+    those pixels as its key/value states. With enough keys allowed it is the full attention."""
+    step = next(s for s in decoder_steps(model) if isinstance(s, AttentionStep))
+    x = torch.randn(1, 64, 12, 16, generator=torch.Generator().manual_seed(5)) * 2
+    attn = step.attn
+    with torch.no_grad():
+        keys = attn.group_norm(x)[:, :, 1::2, 1::2].flatten(2).transpose(1, 2)
+        subsampled_ref, full_ref = attn(x, encoder_hidden_states=keys), attn(x)
+    if work_bytes == 20_000:
+        assert len(exact_tiles(step, 64, (12, 16), work_bytes, 4)) > 2  # strips without key rows are covered too
+    assert key_stride((12, 16), 48) == 2
+    out = runner().run_exact([step], x.clone(), work_bytes, attention_keys=48)
+    assert (out - subsampled_ref).abs().max().item() < 1e-4
+    assert (out - full_ref).abs().max().item() > 1e-3  # the keys really were subsampled
+    out = runner().run_exact([step], x.clone(), work_bytes, attention_keys=12 * 16)
+    assert (out - full_ref).abs().max().item() < 1e-4
 
 
 def test_pooled_moments_are_those_of_the_union():

@@ -3,15 +3,18 @@
 Trains, in order, with the recipes of this package and nothing pre-trained:
   1. the tokenizer (word level, built from the dataset's vocabulary);
   2. the VAE (diffusers AutoencoderKL, 8x down, 4 latent channels) on nano scenes and edge maps;
-  3. the transformer (PixArt-α shaped, 64x64 px) with the PixArt objective, jointly with a tiny T5 encoder;
-  4. the LCM student (PixArt-δ consistency distillation, 4-step sampling without CFG);
+  3. the transformer (PixArt-α shaped, 64x64 px) with the PixArt objective in v-prediction, jointly with a tiny T5
+     encoder;
+  4. the LCM student (PixArt-δ consistency distillation, 4-step sampling without CFG; a v model like its teacher);
   5. the ControlNet-Transformer on edge maps, on the frozen base;
 then writes them in the loaders' layouts, reloads them through the project's loaders and scores them with the caption
 checker (printed and written to scores.json, with a PNG grid of outputs).
 
 Output (models/nano):
-  PixArt-nano-LCM/                 diffusers pipeline folder (LCMScheduler): the default model
-  PixArt-nano-base.safetensors     the teacher, original PixArt key layout (with y_embedding, pos_embed)
+  PixArt-nano-LCM/                 diffusers pipeline folder (LCMScheduler, prediction_type v_prediction): the default
+                                   model
+  PixArt-nano-base.safetensors     the teacher, original PixArt key layout (with y_embedding, pos_embed); metadata
+                                   prediction_type = v_prediction
   PixArt-nano-ControlNet.safetensors  PixArt-δ ControlNet key layout, for the base (and the LCM)
   scores.json, nano_grid.png, build_log.txt
 
@@ -39,6 +42,10 @@ from .pretrain import PretrainConfig, pretrain
 from .tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
 from .vae_train import VAETrainConfig, train_vae
 
+# The nano models predict v, not ε (pretrain.py explains why); the LCM student and the ControlNet follow their base.
+# The files record it (the LCM pipeline's scheduler config, the teacher's safetensors metadata) and the loaders read
+# it back into config.prediction_type.
+PREDICTION = "v"
 
 
 class Logger:
@@ -86,7 +93,8 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     init_pixart_weights(model, seed)
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, T5 "
         f"{sum(p.numel() for p in t5.parameters()) / 1e6:.2f} M, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
-    pres = pretrain(model, t5, tokenizer, pool, PretrainConfig(steps=_steps(2000, scale), seed=seed), log=log)
+    pres = pretrain(model, t5, tokenizer, pool,
+                    PretrainConfig(steps=_steps(2500, scale), seed=seed, prediction=PREDICTION), log=log)
     teacher, t5 = pres.model, pres.text_encoder
     log(f"pre-training done in {pres.seconds:.0f}s")
     save_original_transformer(teacher, out / BASE_FILE)

@@ -6,8 +6,8 @@ for any PixArtTransformer base, using the project's PixArtControlNet (controlnet
   starts from the unchanged base model;
 - the base is frozen; the hint is the VAE latent of the edge map (posterior sample x scale) through the frozen base
   patch embedder + position embedding (ControlHint does that);
-- loss: the pre-training loss (losses.py) of base + control; caption dropout 0.5 (the PixArt ControlNet config),
-  which makes the model lean on the edges.
+- loss: the pre-training loss (losses.py) of base + control, in the base's parametrisation (its config.prediction_type: ε,
+  or v for the nano base); caption dropout 0.5 (the PixArt ControlNet config), which makes the model lean on the edges.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import V_PREDICTION
 from ..controlnet import ControlNetInfo, PixArtControlNet
 from ..transformer import PixArtTransformer
 from .common import LatentPool, TrainSchedule, drop_captions, encode_text, warmup_lr
@@ -89,6 +90,7 @@ def train_controlnet(base: PixArtTransformer, t5: nn.Module, tokenizer, pool: Hi
     cn = controlnet_from_base(base, cfg.copies or default_copies(base.config.depth)).train()
     opt = torch.optim.AdamW(cn.parameters(), lr=cfg.lr, weight_decay=0.0)
     null = base.y_embedder.y_embedding
+    prediction = "v" if base.config.prediction_type == V_PREDICTION else "epsilon"  # in losses.py's names
     result = ControlNetTrainResult(cn)
     start = time.time()
     for step in range(cfg.steps):
@@ -104,7 +106,7 @@ def train_controlnet(base: PixArtTransformer, t5: nn.Module, tokenizer, pool: Hi
         xt = sched.add_noise(x0, noise, t)
         control = cn.bind(base, hint)
         out = base(xt, t.float(), base.prepare_text(text.embeds, text.mask), controls=[control])
-        loss, parts = diffusion_loss(out, x0, xt, noise, t, sched)
+        loss, parts = diffusion_loss(out, x0, xt, noise, t, sched, prediction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)

@@ -58,13 +58,14 @@ def to_diffusers(model: PixArtTransformer):
 
 def save_original_transformer(model: PixArtTransformer, path: str | Path, dtype: torch.dtype | None = torch.float16
                               ) -> Path:
+    """The model's config.prediction_type goes into the file's safetensors metadata, where the loader reads it."""
     c = model.config
     sd = dict(model.state_dict())
     grid = c.sample_size // c.patch_size
     sd["pos_embed"] = sincos_2d_position_embedding(c.hidden_size, grid, grid, grid, c.pe_interpolation)[None]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(sd, dtype), str(path))
+    save_file(_contiguous(sd, dtype), str(path), metadata={"prediction_type": c.prediction_type})
     return path
 
 
@@ -77,7 +78,8 @@ def save_controlnet(cn: PixArtControlNet, path: str | Path, dtype: torch.dtype |
 
 def save_pipeline(folder: str | Path, transformer: PixArtTransformer, t5, tokenizer_dir: str | Path, vae,
                   scheduler: str = "lcm", dtype: torch.dtype | None = torch.float16) -> Path:
-    """A diffusers PixArtAlphaPipeline folder. scheduler: "lcm" (LCMScheduler) or "dpm" (DPMSolverMultistep)."""
+    """A diffusers PixArtAlphaPipeline folder. scheduler: "lcm" (LCMScheduler) or "dpm" (DPMSolverMultistep).
+    The transformer's config.prediction_type goes into the scheduler config, where diffusers records it."""
     import shutil
 
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler
@@ -95,7 +97,7 @@ def save_pipeline(folder: str | Path, transformer: PixArtTransformer, t5, tokeni
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, tok_out / f.name)
     common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                  prediction_type="epsilon")
+                  prediction_type=transformer.config.prediction_type)
     if scheduler == "lcm":
         sch = LCMScheduler(**common, original_inference_steps=50, clip_sample=False, set_alpha_to_one=True,
                            timestep_scaling=10.0)

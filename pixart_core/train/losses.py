@@ -35,10 +35,21 @@ def variance_vlb(sched: TrainSchedule, x0: torch.Tensor, xt: torch.Tensor, t: to
     return torch.where(t == 0, nll, kl)
 
 
+def high_noise_weights(sched: TrainSchedule, t: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample weights min(1/ᾱ_t, cap), normalised to mean 1 over t ~ U{0..999}.
+
+    ε-MSE x 1/ᾱ_t is the v-prediction MSE of the same ε output: it weights each t by how much an ε error moves the
+    x0 estimate. Plain ε-MSE gives the high-noise steps, where an 8x8 latent's layout is decided, ~50x less gradient
+    than t ~ 100; the cap keeps t near 999 (1/ᾱ = 25 000) from taking over."""
+    table = (1.0 / sched.alphas_cumprod).clamp(max=cap)
+    return table.to(t.device)[t.long()] / table.mean()
+
+
 def diffusion_loss(out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   sched: TrainSchedule, prediction: str = "epsilon", learned_sigma: bool = True
-                   ) -> tuple[torch.Tensor, dict]:
-    """out: (B, 8, H, W) model output. Returns the loss and its parts (floats)."""
+                   sched: TrainSchedule, prediction: str = "epsilon", learned_sigma: bool = True,
+                   weight_cap: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """out: (B, 8, H, W) model output. Returns the loss and its parts (floats); "mse" is the unweighted MSE.
+    weight_cap > 0: ε-MSE weighted by high_noise_weights (ε prediction only)."""
     c = x0.shape[1]
     pred = out[:, :c]
     if prediction == "epsilon":
@@ -47,8 +58,13 @@ def diffusion_loss(out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, noise:
         target, eps = sched.v_target(x0, noise, t), sched.eps_from_v(xt, pred, t)
     else:
         raise ValueError(f"prediction must be one of {PREDICTIONS}")
-    mse = (pred - target).pow(2).mean()
-    loss, parts = mse, {"mse": float(mse.detach())}
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    mse = per_sample.mean()
+    if weight_cap > 0 and prediction == "epsilon":
+        loss = (high_noise_weights(sched, t, weight_cap) * per_sample).mean()
+    else:
+        loss = mse
+    parts = {"mse": float(mse.detach())}
     if learned_sigma and out.shape[1] == 2 * c:
         vb = variance_vlb(sched, x0, xt, t, eps, out[:, c:]).mean()
         loss = loss + vb
