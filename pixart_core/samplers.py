@@ -29,7 +29,7 @@ import torch
 
 from . import schedule as sched
 from .errors import PixArtError
-from .schedule import DiscreteSchedule
+from .schedule import DiscreteSchedule, alpha_sigma
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -43,12 +43,6 @@ def default_noise(like: torch.Tensor) -> torch.Tensor:
 def _eps(eps_fn: EpsFn, x: torch.Tensor, t: float) -> torch.Tensor:
     tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
     return eps_fn(x, tt).to(x.dtype)
-
-
-def _alpha_sigma(sigma: float) -> tuple[float, float]:
-    """VE σ -> (α_t, σ_t) of the VP process: α = 1/sqrt(1+σ²), σ_t = σ·α."""
-    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
-    return alpha, sigma * alpha
 
 
 def _lambda(sigma: float) -> float:
@@ -107,12 +101,12 @@ def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule, 
     prev_x0 = None
     for i, t in enumerate(timesteps):
         eps = _eps(eps_fn, x, t)
-        alpha_s, sigma_s = _alpha_sigma(sigmas[i])
+        alpha_s, sigma_s = alpha_sigma(sigmas[i])
         x0 = (x - sigma_s * eps) / alpha_s
         if sigmas[i + 1] == 0.0:
             x = x0  # the first-order step to σ = 0 lands exactly on the data prediction
         else:
-            alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
+            alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
             h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
             phi = alpha_t * math.expm1(-h)  # α_t (e^{-h} - 1)
             if prev_x0 is None:
@@ -159,8 +153,8 @@ def _sa_coefficients(order: int, lam_s: float, lam_t: float, nodes: Sequence[flo
 def _sa_update(x: torch.Tensor, x0s: Sequence[torch.Tensor], noise: torch.Tensor, sigma_s: float, sigma_t: float,
                nodes: Sequence[float], tau: float) -> torch.Tensor:
     """One stochastic Adams step (predictor or corrector) from σ_s to σ_t in data-prediction form."""
-    alpha_t, sig_t = _alpha_sigma(sigma_t)
-    _, sig_s = _alpha_sigma(sigma_s)
+    alpha_t, sig_t = alpha_sigma(sigma_t)
+    _, sig_s = alpha_sigma(sigma_s)
     lam_s, lam_t = _lambda(sigma_s), _lambda(sigma_t)
     h = lam_t - lam_s
     c = 1.0 + tau * tau
@@ -186,7 +180,7 @@ def sample_sa_solver(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule,
     last_x = last_noise = None
     for i, t in enumerate(timesteps):
         eps = _eps(eps_fn, x, t)
-        alpha_i, sigma_i = _alpha_sigma(sigmas[i])
+        alpha_i, sigma_i = alpha_sigma(sigmas[i])
         x0 = (x - sigma_i * eps) / alpha_i
         if last_x is not None:
             # Corrector: redo the last step with the data prediction just made at its end point.

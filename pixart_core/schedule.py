@@ -13,6 +13,7 @@ The timestep tables reproduce the diffusers schedulers the PixArt pipelines use 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,12 @@ BETA_START = 1e-4
 BETA_END = 0.02
 LCM_ORIGINAL_STEPS = 50  # the DDIM skeleton the LCM was distilled on (1000 // 50 = 20 apart)
 LCM_TABLES = ("diffusers", "original")
+
+
+def alpha_sigma(sigma: float) -> tuple[float, float]:
+    """VE σ -> (α_t, σ_t) of the VP process: α = 1/sqrt(1+σ²), σ_t = σ·α."""
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,8 @@ class DiscreteSchedule:
         """ε from a v-prediction (v = α_t·ε - σ_t·x0 in VP terms): ε = α_t·v + σ_t·x_t, with α_t = 1/sqrt(1+σ²) and
         σ_t = σ·α_t from the interpolated σ(t), the same noise level the samplers assume at a fractional t.
         x, v: (B, C, H, W); t: (B,) timesteps. Computed in float32."""
-        sigma = torch.tensor([self.sigma(float(ti)) for ti in t.reshape(-1)], dtype=torch.float64)
-        alpha = (1.0 / torch.sqrt(sigma * sigma + 1.0)).float().to(v.device).view(-1, 1, 1, 1)
-        sigma_t = (sigma.float().to(v.device).view(-1, 1, 1, 1)) * alpha
+        coeffs = torch.tensor([alpha_sigma(self.sigma(float(ti))) for ti in t.reshape(-1)], dtype=torch.float32)
+        alpha, sigma_t = coeffs.to(v.device).view(-1, 2, 1, 1, 1).unbind(1)
         return alpha * v.float() + sigma_t * x.float()
 
 

@@ -12,10 +12,8 @@ Nano-specific choices, all optional arguments:
   model cannot, and the high-noise steps are where an 8x8 latent's layout and colour are decided. v is ≈ -x0 there.
   Measured (800 steps, 1 thread, 7 min, EMA, DPM-Solver++ 20 steps CFG 4.5, 60 prompts, colour / position): ε with
   the weighting below .87 / .30, v .97 / .70, v with the per-channel standardised VAE (vae_train.py) 1.00 / .80.
-  A v model samples with the project's ε samplers through `VPredictionAsEpsilon` (exact); its LCM student is a
-  v model too (lcm_distill.py).
   The trained model's config says so (prediction_type "v_prediction"); the exporters record it in the files and the
-  loaders read it back, so GuidedEpsilon hands the samplers ε.
+  loaders read it back, so GuidedEpsilon hands the samplers ε. Its LCM student is a v model too (lcm_distill.py).
 - `high_noise_weight_cap` (ε prediction only; 0, PixArt's plain ε-MSE, by default): the ε-MSE of each sample is
   weighted by min(1/ᾱ_t, cap) (v-prediction's weighting of an ε error, capped). With plain ε-MSE the nano teacher's x0
   estimate at t >= 700 stayed no better than predicting 0 (measured); a cap of 100 makes those steps learn (colour /
