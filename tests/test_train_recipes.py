@@ -73,6 +73,7 @@ def test_dataset_is_deterministic_and_checker_agrees_with_ground_truth():
     assert img.shape == (64, 64, 3) and 0 < len(np.unique(img.round(2))) > 3  # antialiased edges
     ok = caption_checker.validate_on_ground_truth(seed=5, count=40)
     assert ok["colour"] == ok["position"] == ok["shape"] == ok["two_object_both"] == 1.0
+    assert ok["single_position"] == ok["pair_relation"] == 1.0
     # the checker must also say no: same pictures, wrong shape / colour / relation in the caption
     scenes = caption_checker.evaluation_scenes(9, 20)
     wrong = []
@@ -87,6 +88,11 @@ def test_dataset_is_deterministic_and_checker_agrees_with_ground_truth():
     pair = next(s for s in scenes if s.relation)
     fake = data.Scene(pair.objects, relation=flipped[pair.relation])
     assert caption_checker.check(data.render(pair), data.caption_of(fake)).position is False
+    # a flipped relation counts against pair_relation only
+    single = next(s for s in scenes if not s.relation)
+    mixed = caption_checker.score(np.stack([data.render(single), data.render(pair)]),
+                                  [single.caption, data.caption_of(fake)])
+    assert mixed["single_position"] == 1.0 and mixed["pair_relation"] == 0.0 and mixed["position"] == 0.5
 
 
 def test_tokenizer_loads_through_the_project_t5_path(tokenizer):

@@ -174,7 +174,9 @@ def check(image: np.ndarray, caption: str) -> CheckResult:
 
 
 def summarise(results: list[CheckResult]) -> dict:
-    """Fractions of prompts: colour, position (prompts naming one), shape, two_object_both; and counts."""
+    """Fractions of prompts: colour, position (prompts naming one), shape, two_object_both; and counts.
+    position is also split into its two kinds (single_position: a one-object prompt's place; pair_relation: the
+    two-object relation), because they fail for different reasons: placing one object vs binding colours to slots."""
     def rate(values):
         values = [v for v in values if v is not None]
         return (sum(values) / len(values)) if values else float("nan")
@@ -183,6 +185,8 @@ def summarise(results: list[CheckResult]) -> dict:
         "prompts": len(results),
         "colour": rate([r.colour for r in results]),
         "position": rate([r.position for r in results]),
+        "single_position": rate([r.position for r in results if not r.pair]),
+        "pair_relation": rate([r.position for r in results if r.pair]),
         "shape": rate([r.shape for r in results]),
         "two_object_prompts": sum(r.pair for r in results),
         "two_object_both": rate([r.both for r in results]),
