@@ -1,13 +1,15 @@
 """PixArt-nano, the tiny model trained by the project's own recipes: where its files go, and which the loaders offer.
 
 `python -m pixart_core.train.build_nano` writes them to models/nano in the same layouts the loaders read for real
-PixArt checkpoints, and the ComfyUI loaders then list them beside the user's own files. The weights are not in the
-repository yet: they ship once a build meets the acceptance scores (README, PixArt-nano).
+PixArt checkpoints, and the ComfyUI loaders then list them after the user's own files. The shipped build lives in the
+repository's models/nano: the CLI falls back to it when the official pipeline is not in the Hugging Face cache.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from .errors import PixArtError
 
 NANO_DIR = Path(__file__).resolve().parents[1] / "models" / "nano"
 
@@ -34,3 +36,12 @@ def loader_entries(folder: str, root: Path | None = None) -> dict[str, Path]:
     root = root or NANO_DIR
     entries = {name: root / rel for name, rel in LOADER_ENTRIES.get(folder, {}).items()}
     return {name: path for name, path in entries.items() if path.exists()}
+
+
+def nano_pipeline_dir(root: Path | None = None) -> Path:
+    """The bundled PixArt-nano LCM pipeline folder (transformer, T5, tokenizer, VAE, scheduler)."""
+    folder = (root or NANO_DIR) / LCM_DIR
+    if not (folder / "model_index.json").is_file():
+        raise PixArtError(f"The bundled PixArt-nano pipeline is missing from {folder}. Restore it from the repository "
+                          "(git checkout -- models/nano) or rebuild it: python -m pixart_core.train.build_nano")
+    return folder

@@ -1,8 +1,9 @@
 """Command line: `python -m pixart_core generate "prompt" -o out.png` and `python -m pixart_core describe PATH`.
 
 Models come from local paths (`--model` for a diffusers pipeline folder, or `--transformer/--t5/--vae` in any layout
-the core reads); with no path at all, the official PixArt-δ LCM pipeline is taken from the Hugging Face cache
-(hub.py). User errors (PixArtError) print as one message, exit code 2, no traceback.
+the core reads), or by name (`--model nano`, `--model official`); with none, the official PixArt-δ LCM pipeline when it
+is in the Hugging Face cache, else the bundled PixArt-nano, and one line says which (hub.py). User errors
+(PixArtError) print as one message, exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path; with several images, _0, _1, ... are added before the suffix")
     gen.add_argument("--negative", default="", help="negative prompt (used only with guidance > 1)")
-    gen.add_argument("--model", help="diffusers pipeline folder (transformer/, text_encoder/, tokenizer/, vae/)")
+    gen.add_argument("--model", help="diffusers pipeline folder (transformer/, text_encoder/, tokenizer/, vae/); "
+                                     "'nano': the bundled PixArt-nano; 'official': PixArt-LCM-XL-2-1024-MS from the "
+                                     "Hugging Face cache (downloaded when online). Default: official when cached, "
+                                     "else nano")
     gen.add_argument("--transformer", help="transformer checkpoint (.safetensors, .pth or diffusers folder)")
     gen.add_argument("--t5", help="T5 encoder (diffusers/HF folder or one .safetensors)")
     gen.add_argument("--vae", help="VAE (diffusers folder or one file)")
@@ -87,14 +91,18 @@ def _load_init_image(path: str):
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .hub import resolve_model
     from .pipeline import PixArtPipeline
 
     if args.batch < 1:
         raise PixArtError(f"--batch must be at least 1; got {args.batch}.")
     paths = _output_paths(args.output, args.batch)
     t0 = time.perf_counter()
+    model, note = resolve_model(args.model, parts_given=None not in (args.transformer, args.t5, args.vae))
+    if note:
+        print(note, file=sys.stderr)
     pipe = PixArtPipeline.from_paths(
-        args.model, transformer=args.transformer, t5=args.t5, vae=args.vae,
+        model, transformer=args.transformer, t5=args.t5, vae=args.vae,
         dtype=getattr(torch, DTYPES[args.dtype]), t5_precision=args.t5_precision,
         vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), device=args.device,
     )

@@ -108,22 +108,66 @@ def _probe(endpoint: str) -> None:
         pass
 
 
-def resolve_official_lcm(allow_download: bool = True) -> Path:
-    """Local folder of the official PixArt-δ LCM pipeline (diffusers layout), from the cache or freshly downloaded."""
-    from huggingface_hub import constants, snapshot_download
+def _snapshot_kwargs(cache: Path) -> dict:
+    return dict(allow_patterns=NEEDED_PATTERNS, ignore_patterns=SKIPPED_PATTERNS, cache_dir=str(cache))
+
+
+def cached_official_lcm() -> tuple[Path | None, str]:
+    """The complete copy of the official pipeline in the Hugging Face cache, never touching the network; or None and
+    why there is none."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     cache = hub_cache_dir()
-    kwargs = dict(allow_patterns=NEEDED_PATTERNS, ignore_patterns=SKIPPED_PATTERNS, cache_dir=str(cache))
     try:
-        folder = Path(snapshot_download(OFFICIAL_LCM_REPO, local_files_only=True, **kwargs))
-        gaps = missing_parts(folder)
-        if not gaps:
-            return folder
-        reason = f"The cached copy in {folder} is incomplete; missing: " + "; ".join(gaps) + "."
+        folder = Path(snapshot_download(OFFICIAL_LCM_REPO, local_files_only=True, **_snapshot_kwargs(cache)))
     except LocalEntryNotFoundError:
-        reason = f"{OFFICIAL_LCM_REPO} is not in the Hugging Face cache ({cache})."
+        return None, f"{OFFICIAL_LCM_REPO} is not in the Hugging Face cache ({cache})."
+    gaps = missing_parts(folder)
+    if gaps:
+        return None, f"The cached copy in {folder} is incomplete; missing: " + "; ".join(gaps) + "."
+    return folder, ""
 
+
+def default_pipeline() -> tuple[Path, str]:
+    """The pipeline used when no model is named: the official PixArt-δ LCM pipeline when it is in the cache, else the
+    bundled PixArt-nano. Returns the folder and one line that says which and how to get the official one."""
+    from . import bundled
+
+    folder, reason = cached_official_lcm()
+    if folder is not None:
+        return folder, f"model: {OFFICIAL_LCM_REPO} (Hugging Face cache)"
+    return bundled.nano_pipeline_dir(), (
+        f"model: PixArt-nano (bundled 64 px toy model: coloured circles, squares, triangles), because {reason} "
+        f"For real images: hf download {OFFICIAL_LCM_REPO} (about 21 GB), or --model PATH.")
+
+
+def resolve_model(model: str | Path | None, parts_given: bool = False) -> tuple[Path | None, str]:
+    """The pipeline folder a model argument names, with a one-line note on what was chosen (empty for a path):
+    "nano" is the bundled PixArt-nano, "official" the official pipeline (downloaded if absent and allowed), a path is
+    itself; no name means default_pipeline(), or nothing at all when every part was given separately."""
+    from . import bundled
+
+    if model == "nano":
+        return bundled.nano_pipeline_dir(), "model: PixArt-nano (bundled 64 px toy model)"
+    if model == "official":
+        return resolve_official_lcm(), f"model: {OFFICIAL_LCM_REPO}"
+    if model is not None:
+        return Path(model), ""
+    if parts_given:
+        return None, ""
+    return default_pipeline()
+
+
+def resolve_official_lcm(allow_download: bool = True) -> Path:
+    """Local folder of the official PixArt-δ LCM pipeline (diffusers layout), from the cache or freshly downloaded."""
+    from huggingface_hub import constants, snapshot_download
+
+    folder, reason = cached_official_lcm()
+    if folder is not None:
+        return folder
+    cache = hub_cache_dir()
+    kwargs = _snapshot_kwargs(cache)
     if hub_offline():
         raise PixArtError(download_instructions(reason + " HF_HUB_OFFLINE is set, so nothing is downloaded.", cache))
     if not allow_download:

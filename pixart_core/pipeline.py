@@ -202,7 +202,7 @@ class PixArtPipeline:
     """Prompts to images with a loaded transformer, T5 encoder and VAE.
 
     Build it from loaded parts, or with `PixArtPipeline.from_paths(...)` (paths may be left out to use the official
-    PixArt-δ LCM pipeline from the Hugging Face cache, see hub.py).
+    PixArt-δ LCM pipeline from the Hugging Face cache, or the bundled PixArt-nano without it; see hub.py).
     """
 
     def __init__(self, transformer, text_encoder, vae):
@@ -223,12 +223,13 @@ class PixArtPipeline:
         vae_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> "PixArtPipeline":
-        """Load the three parts. `model` is a diffusers pipeline folder providing whatever is not given separately;
-        with neither, the official PixArt-LCM-XL-2-1024-MS pipeline is taken from the Hugging Face cache."""
-        if model is None and (transformer is None or t5 is None or vae is None):
-            from .hub import resolve_official_lcm
+        """Load the three parts. `model` is a diffusers pipeline folder providing whatever is not given separately
+        ("nano" and "official" name the bundled and the official pipeline, hub.resolve_model); with neither, the
+        official PixArt-LCM-XL-2-1024-MS pipeline from the Hugging Face cache, else the bundled PixArt-nano."""
+        from .hub import resolve_model
 
-            model = resolve_official_lcm()  # before importing the loaders: an offline failure should be quick
+        # before importing the loaders: a failure to find the model should be quick
+        model = resolve_model(model, parts_given=None not in (transformer, t5, vae))[0]
         from .checkpoint import load_transformer
         from .text_encoder import load_t5
         transformer = transformer or model

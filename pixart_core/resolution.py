@@ -126,10 +126,11 @@ class SizePlan:
 
 
 def plan_size(width: int, height: int, bin_size: int, binning: bool = True) -> SizePlan:
-    """Decide the generation size for a request: the closest bin when binning, else the request itself."""
+    """Decide the generation size for a request: the closest bin when binning, else the request itself. A model
+    trained at a size with no bin table (PixArt-nano, 64 px) has nothing to snap to, so it is never binned."""
     if width <= 0 or height <= 0:
         raise PixArtError(f"width and height must be positive; got {width}x{height}.")
-    if binning:
+    if binning and bin_size in BIN_TABLES:
         gh, gw = classify_height_width_bin(height, width, bin_table(bin_size))
         return SizePlan(gh, gw, int(height), int(width))
     if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:

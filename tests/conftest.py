@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-SHARED_T5 = ROOT.parent / "shared" / "data" / "t5-v1_1-xxl"
+T5_TOKENIZER = ROOT / "tests" / "data" / "t5-v1_1-xxl"  # the real T5 v1.1 tokenizer (Apache-2.0)
 
 
 @pytest.fixture

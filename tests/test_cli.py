@@ -1,7 +1,7 @@
 """The CLI end to end on tiny local models, the hub fallback through a fake cache, and the fast offline failure.
 
 Tiny pipeline: a diffusers-layout folder with a tiny PixArt transformer, a tiny T5 (real T5 v1.1 tokenizer copied
-from the shared folder), a tiny AutoencoderKL and an LCM scheduler config. Never the network: HF_HUB_OFFLINE=1 and an
+from tests/data), a tiny AutoencoderKL and an LCM scheduler config. Never the network: HF_HUB_OFFLINE=1 and an
 empty HF_HOME, or a hub endpoint on a closed local port.
 """
 
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pixart_core import cli, hub
-from tests.conftest import ROOT, SHARED_T5
+from tests.conftest import ROOT, T5_TOKENIZER
 from tests.factories import tiny_diffusers_transformer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -45,7 +45,7 @@ def build_tiny_pipeline(root: Path) -> Path:
                              is_gated_act=True, dense_act_fn="gelu_pytorch_tanh")).save_pretrained(root / "text_encoder")
     (root / "tokenizer").mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(SHARED_T5 / name, root / "tokenizer" / name)
+        shutil.copy(T5_TOKENIZER / name, root / "tokenizer" / name)
     AutoencoderKL(latent_channels=4, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
                   norm_num_groups=4).save_pretrained(root / "vae")

@@ -26,10 +26,10 @@ def official_state_dict(seed=0):
     return {k: v.half() for k, v in sd.items()}
 
 
-def official_forward(sd, image):
+def official_forward(sd, image, dtype=torch.float32):
     """The official computation, transcribed: model(image*255), resize each side map to HxW, mean, sigmoid, clip."""
-    sd = {k: v.float() for k, v in sd.items()}
-    h = image * 255.0 - sd["norm"]
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    h = image.to(dtype) * 255.0 - sd["norm"]
     projections = []
     for b, _, _, n in STAGES:
         if b > 1:
@@ -58,7 +58,13 @@ def test_loads_official_layout_and_matches_the_official_computation(tmp_path):
     image = torch.rand(2, 3, 37, 53, generator=torch.Generator().manual_seed(1))
     edge = hed(image)
     assert edge.shape == (2, 1, 37, 53) and edge.min() >= 0 and edge.max() <= 1
-    assert (edge - official_forward(sd, image)).abs().max() <= 1e-5
+    # Both sides compute in fp32 from the same fp16-stored weights, through 13 convolutions of fan-in up to 4608 on
+    # inputs scaled by 255: their rounding error depends on the CPU's convolution kernels (about 1e-5 here). So the
+    # bound is the official code's own fp32 error against exact (float64) arithmetic on this machine, with room for
+    # a different summation order (measured: ours 0.72x the official's error on an AMD EPYC).
+    exact = official_forward(sd, image, torch.float64)
+    official_error = (official_forward(sd, image) - exact).abs().max()
+    assert (edge - exact).abs().max() <= 3 * official_error
     assert edge.std() > 1e-3  # not a constant map
     # ComfyUI's channels-last IMAGE gives the same map
     assert torch.allclose(hed(image.permute(0, 2, 3, 1)), edge, atol=1e-6)

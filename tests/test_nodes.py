@@ -17,7 +17,7 @@ from nodes import comfy_bridge as bridge
 from nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import SHARED_T5
+from tests.conftest import T5_TOKENIZER
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
@@ -39,7 +39,7 @@ def env(tmp_path_factory):
         str(work / "input"), str(work / "output"), str(work / "temp"))
     harness.example_input(work / "input", "pixart_delta_example.png", 64)
     bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(SHARED_T5)
+    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
     yield models
     bridge.set_models_root(None)
     bridge.set_t5_tokenizer_dir(None)

@@ -25,7 +25,7 @@ from nodes import model_cache
 from pixart_core import bundled
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import SHARED_T5
+from tests.conftest import T5_TOKENIZER
 
 
 class Sink:
@@ -107,7 +107,7 @@ def env(tmp_path_factory, tiny):
         str(work / "input"), str(work / "output"), str(work / "temp"))
     harness.example_input(work / "input", "pixart_delta_example.png", 32)
     bridge.set_models_root(root)
-    bridge.set_t5_tokenizer_dir(SHARED_T5)
+    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
     model_cache.clear_all()
     yield root
     bridge.set_models_root(None)

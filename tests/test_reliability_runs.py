@@ -29,7 +29,7 @@ from nodes import comfy_bridge as bridge
 from nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import SHARED_T5
+from tests.conftest import T5_TOKENIZER
 
 CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
 FILES = {k: Path(v).name for k, v in harness.TINY_FILES.items()}
@@ -51,7 +51,7 @@ def env(tmp_path_factory):
         str(work / "input"), str(work / "output"), str(work / "temp"))
     harness.example_input(work / "input", "pixart_delta_example.png", 64)
     bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(SHARED_T5)
+    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
     model_cache.clear_all()
     yield models
     bridge.set_models_root(None)

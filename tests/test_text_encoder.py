@@ -1,7 +1,7 @@
 """T5 text encoding: every file layout, every precision, parity with diffusers' encode_prompt, cache, warnings.
 
 A tiny T5 v1.1-shaped encoder (2 layers, d_model 64, the real 32128-token vocabulary) is built here, saved in each
-layout into tmp dirs, and read with the real T5 v1.1 tokenizer from ../shared/data/t5-v1_1-xxl.
+layout into tmp dirs, and read with the real T5 v1.1 tokenizer from tests/data/t5-v1_1-xxl.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from pixart_core.text_encoder import (
     load_t5,
     null_embedding_conditioning,
 )
+from tests.conftest import T5_TOKENIZER
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "t5-v1_1-xxl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason="T5 tokenizer folder ../shared/data missing")
 
 PROMPTS = [
     "A Small CAT sitting on a red sofa, soft light, 4k",
@@ -50,7 +49,7 @@ def tiny_config():
 def copy_tokenizer(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_DIR / name, dest / name)
+        shutil.copy(T5_TOKENIZER / name, dest / name)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def fresh_cache():
 
 
 def load(path, precision="fp32", **kw) -> T5TextEncoder:
-    kw.setdefault("tokenizer_path", None if Path(path).is_dir() else TOKENIZER_DIR)
+    kw.setdefault("tokenizer_path", None if Path(path).is_dir() else T5_TOKENIZER)
     return load_t5(path, precision=precision, **kw)
 
 
@@ -177,10 +176,10 @@ def test_missing_tokenizer_raises_and_fallbacks_work(layouts, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PixArtError, match="No T5 tokenizer in"):
         load_t5(layouts["single"], tokenizer_path=tmp_path / "empty")
-    enc = load_t5(layouts["single"], precision="fp32", tokenizer_fallbacks=[tmp_path / "empty", TOKENIZER_DIR])
+    enc = load_t5(layouts["single"], precision="fp32", tokenizer_fallbacks=[tmp_path / "empty", T5_TOKENIZER])
     from transformers import AutoTokenizer
 
-    reference = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+    reference = AutoTokenizer.from_pretrained(str(T5_TOKENIZER), local_files_only=True)
     assert enc.tokenizer("a cat").input_ids == reference("a cat").input_ids
 
 

@@ -16,7 +16,7 @@ from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from nodes import comfy_bridge as bridge
 from nodes import model_cache
 from tests import comfy_harness as harness
-from tests.conftest import SHARED_T5
+from tests.conftest import T5_TOKENIZER
 from tests.ui_to_api import ui_to_api
 from workflows import build
 
@@ -33,6 +33,7 @@ TEST_TILE = 128  # px: the 512 px decode of the 2K -> 4K workflow runs on 4 tile
 # Each workflow's SaveImage / PreviewImage outputs on the tiny models: (width, height) of every image written.
 # The tiny transformers were "trained at 256 px", so the resolution node picks 256 px bins.
 EXPECTED = {
+    "pixart_nano_lcm": {"SaveImage": (64, 64)},  # the bundled PixArt-nano (models/nano), not a tiny stand-in
     "pixart_delta_lcm_1024": {"SaveImage": (64, 64)},
     "pixart_alpha_1024_dpmpp": {"SaveImage": (256, 256)},
     "pixart_sigma_2k_to_4k": {"SaveImage": (512, 512)},
@@ -56,7 +57,7 @@ def env(tmp_path_factory):
         str(work / "input"), str(work / "output"), str(work / "temp"))
     harness.example_input(work / "input", build.EXAMPLE_IMAGE, TEST_SIZE)
     bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(SHARED_T5)
+    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
     yield work
     bridge.set_models_root(None)
     bridge.set_t5_tokenizer_dir(None)

@@ -36,6 +36,12 @@ T5 = "t5xxl_fp16.safetensors"
 SD_VAE = "sd-vae-ft-ema.safetensors"
 SDXL_VAE = "sdxl_vae.safetensors"
 
+# PixArt-nano, which ships with the pack (pixart_core/bundled.py names it in the loaders' lists)
+NANO_LCM = "PixArt-nano-LCM (bundled)"
+NANO_T5 = "PixArt-nano-T5 (bundled)"
+NANO_VAE = "PixArt-nano-VAE (bundled)"
+NANO_PROMPT = "a red circle above a blue square"
+
 PROMPT = ("A small red fox sitting in a snowy birch forest at sunrise, soft golden light through the trees, "
           "detailed fur, shallow depth of field, photograph")
 
@@ -357,7 +363,22 @@ def img2img() -> Workflow:
     return wf
 
 
-WORKFLOWS = (lcm_text_to_image, alpha_dpm, sigma_2k_to_4k, controlnet_hed_lcm, low_memory, img2img)
+def nano_lcm() -> Workflow:
+    wf = Workflow("pixart_nano_lcm", "PixArt-nano (ships with the pack): LCM 4 steps at 64 px, seconds on a CPU")
+    model = wf.add("PixArtDeltaTransformerLoader", model_name=NANO_LCM, precision="fp32")
+    t5 = wf.add("PixArtDeltaT5Loader", t5_name=NANO_T5, precision="fp32")
+    cond = wf.add("PixArtDeltaT5TextEncode", t5=t5[0], model=model[0], prompt=NANO_PROMPT, negative_prompt="")
+    latent = wf.add("PixArtDeltaLCMSampler", seed_control="randomize", model=model[0], conditioning=cond[0], seed=42,
+                    steps=4, width=64, height=64, batch_size=4)
+    _decode_and_save(wf, latent[0], NANO_VAE, "PixArt-nano")
+    wf.note("PixArt-nano: a 64 px toy model trained by this pack's own recipes; it ships with the pack, so this runs "
+            "with no download.\nIt draws coloured circles, squares and triangles: colours red, green, blue, yellow, "
+            "purple, cyan; places left, right, top, bottom, center; two objects 'above', 'below', 'to the left of', "
+            "'to the right of'.\nFor real images load the official files instead (pixart_delta_lcm_1024).")
+    return wf
+
+
+WORKFLOWS = (nano_lcm, lcm_text_to_image, alpha_dpm, sigma_2k_to_4k, controlnet_hed_lcm, low_memory, img2img)
 
 
 def all_workflows() -> list[Workflow]:

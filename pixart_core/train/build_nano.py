@@ -35,7 +35,7 @@ from ..bundled import BASE_FILE, CONTROLNET_FILE, LCM_DIR, NANO_DIR
 from . import caption_checker, data
 from .common import build_t5, encode_pool, init_pixart_weights, nano_transformer_config
 from .controlnet_train import ControlNetTrainConfig, HintPool, train_controlnet
-from .evaluate import control_scenes, controlnet_iou, decode, encode, save_grid, score_model
+from .evaluate import control_scenes, controlnet_iou, decode, encode, guard_scores, save_grid, score_model
 from .export import folder_size, save_controlnet, save_original_transformer, save_pipeline
 from .lcm_distill import LCMConfig, lcm_distill
 from .pretrain import PretrainConfig, pretrain
@@ -184,6 +184,9 @@ def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int
                                        "max_abs_diff_vs_base": float(np.abs(plain - plain_ref).max())}
     log(f"ControlNet IoU (base, 20 steps): {iou:.3f}; with LCM 4 steps: {iou_lcm:.3f}; strength 0: "
         f"{scores['controlnet_strength_0']}")
+
+    scores["ci_guard"] = guard_scores(lcm, cn, t5, vae)
+    log(f"CI guard set: {scores['ci_guard']}")
 
     edges_img, _ = data.batch(edges_scenes[:8], edges=True)
     grid = np.concatenate([lcm_images[:16], teacher_images[:8],

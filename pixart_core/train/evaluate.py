@@ -59,6 +59,21 @@ def score_model(transformer, text_encoder, vae, scenes, **kwargs) -> tuple[dict,
     return caption_checker.score(images, captions), images
 
 
+# The CI guard (tests/test_nano_shipped.py): a fixed, small prompt set that the build scores and records in
+# scores.json, and that the test scores again on the shipped files through the public loaders.
+GUARD_SEED, GUARD_PROMPTS, GUARD_CONTROL_CASES = 4242, 24, 8
+
+
+def guard_scores(lcm, controlnet, text_encoder, vae) -> dict:
+    """The caption checker's scores of LCM 4 steps without CFG on GUARD_PROMPTS prompts, and the ControlNet's mask
+    IoU with the LCM student (4 steps) on GUARD_CONTROL_CASES edge maps."""
+    scenes = caption_checker.evaluation_scenes(GUARD_SEED, GUARD_PROMPTS)
+    scores = score_model(lcm, text_encoder, vae, scenes, sampler="lcm", steps=4, guidance=0.0, seed=GUARD_SEED)[0]
+    iou, _ = controlnet_iou(lcm, controlnet, text_encoder, vae, control_scenes(GUARD_SEED, GUARD_CONTROL_CASES),
+                            sampler="lcm", steps=4, guidance=0.0, seed=GUARD_SEED)
+    return {"lcm_4_steps_no_cfg": scores, "controlnet_mask_iou_lcm4": iou}
+
+
 def control_scenes(seed: int, count: int) -> list[data.Scene]:
     """Single objects anywhere (no position in the caption): only the edge map says where and how big."""
     rng = np.random.default_rng(seed)
