@@ -110,7 +110,7 @@ def test_generate_batch_uses_the_hub_cache_when_no_path_is_given(tiny_pipeline, 
 
 def test_offline_without_cache_fails_fast_with_instructions(tmp_path, capsys, no_hub):
     start = time.perf_counter()
-    code = cli.main(["generate", "a cat", "-o", str(tmp_path / "x.png")])
+    code = cli.main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--model", "official"])
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
     assert code == 2 and elapsed < 5
