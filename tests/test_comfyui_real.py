@@ -539,14 +539,34 @@ def test_ui_workflows_load_and_run_in_the_page(server, tmp_path):
     for result in results:
         name = result["name"]
         assert result["missing_types"] == [] and not result["missing_dialog"], (name, result)
-        assert result["prompt_matches"] and result["small_prompt_matches"], (name, result["diff"])
+        assert result["prompt_matches"] and result["small_prompt_matches"], (
+            f"{name}: the page's prompt differs from workflows/api/{name}.json:\n" + prompt_diff(result["diff"]))
         ours = [e for e in result["console_errors"] if any(n in e for n in OUR_NAMES)]
         assert ours == [], (name, ours)
         assert Path(result["screenshot"]).is_file()
+        if result.get("run_failed"):  # ask the server why, with the same prompt the page built
+            small = next(job["small_api"] for job in jobs if job["name"] == name)
+            status, answer = queue(server["url"], small)
+            pytest.fail(f"{name}: {result['run_failed']}\nPOST /prompt of the page's prompt: HTTP {status}\n"
+                        + explain_rejection(small, answer) + f"\npage console: {result['console_errors'][:3]}")
+        assert result["ran"] or ("int8" in name and not int8_available()), f"{name} was not run in the page"
         if result["ran"]:
             entry = wait_history(server["url"], result["prompt_id"])
             assert entry["status"]["status_str"] == "success", (name, entry["status"])
             assert image_sizes(server["url"], entry, result["queued_prompt"]) == EXPECTED[name], name
+
+
+def prompt_diff(diff: dict) -> str:
+    """The nodes whose inputs differ between the page's prompt and the API file, by id and class."""
+    lines = []
+    for page_key, file_key in (("page", "file"), ("small_page", "small_file")):
+        page, file = diff.get(page_key) or {}, diff.get(file_key) or {}
+        for node_id in sorted(set(page) | set(file), key=str):
+            a, b = page.get(node_id), file.get(node_id)
+            if a != b:
+                kind = (a or b)["class_type"]
+                lines.append(f"node {node_id} {kind}: page {a and a.get('inputs')} / file {b and b.get('inputs')}")
+    return "\n".join(lines) or repr(diff)[:2000]
 
 
 # ------------------------------------------------------------------------------------------------ browser driver
@@ -591,14 +611,14 @@ def _browse(spec_path: str) -> None:
             if not result["small_prompt_matches"]:
                 result["diff"]["small_page"], result["diff"]["small_file"] = small, job["small_api"]
             result["ran"] = False
-            if job["run"]:
+            if job["run"] and result["small_prompt_matches"]:  # else the failure above says why
                 before = http(url + "/history")[1]
                 run_button = page.locator("button:has-text('Run')").first
                 if run_button.count():
                     run_button.click()
                 else:
                     page.evaluate("async () => await window.comfyAPI.app.app.queuePrompt(0, 1)")
-                deadline = time.time() + 120
+                deadline = time.time() + 30  # a queued prompt shows at once; a refused one never does
                 new = []
                 while time.time() < deadline and not new:
                     time.sleep(0.5)
@@ -613,8 +633,7 @@ def _browse(spec_path: str) -> None:
                     page.wait_for_timeout(1000)
                     page.screenshot(path=str(Path(spec["shots"]) / f"{job['name']}_after_run.png"))
                 else:
-                    result["ran"], result["run_failed"] = True, "nothing was queued"
-                    result["prompt_id"] = ""
+                    result["run_failed"] = "Run queued nothing (the server refused the page's prompt?)"
             result["console_errors"] = list(console)
             results.append(result)
         browser.close()

@@ -58,7 +58,8 @@ def test_loads_official_layout_and_matches_the_official_computation(tmp_path):
     image = torch.rand(2, 3, 37, 53, generator=torch.Generator().manual_seed(1))
     edge = hed(image)
     assert edge.shape == (2, 1, 37, 53) and edge.min() >= 0 and edge.max() <= 1
-    assert (edge - official_forward(sd, image)).abs().max() <= 1e-5
+    # fp32 round-off through 15 convolutions differs by CPU kernel (1.3e-5 seen here); a layout mistake gives ~0.1
+    assert (edge - official_forward(sd, image)).abs().max() <= 5e-5
     assert edge.std() > 1e-3  # not a constant map
     # ComfyUI's channels-last IMAGE gives the same map
     assert torch.allclose(hed(image.permute(0, 2, 3, 1)), edge, atol=1e-6)
