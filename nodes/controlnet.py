@@ -116,6 +116,17 @@ class PixArtDeltaControlNetApply:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, start, end):
+        # Checked before the run, so a bad range is refused at Queue with our message. Naming start/end here turns
+        # off ComfyUI's own min/max checks for them, so the range is checked here too; linked values arrive as None.
+        for name, value in (("start", start), ("end", end)):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                return f"ControlNet {name} is a fraction of the sampling steps, from 0 to 1; got {value}."
+        if start is not None and end is not None and float(start) > float(end):
+            return f"ControlNet start ({start}) is after end ({end}); start must be at most end."
+        return True
+
     def apply(self, controlnet: ControlNet, vae, image: torch.Tensor, strength: float, start: float, end: float,
               previous: tuple[Control, ...] = ()):
         if start > end:

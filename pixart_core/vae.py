@@ -26,11 +26,13 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+if TYPE_CHECKING:  # imported where a VAE is built: importing diffusers' models also imports bitsandbytes, which
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # would slow down and clutter start-up
 
 from .errors import PixArtError
 from .vae_tiling import (
@@ -589,6 +591,8 @@ def _shape_config(state: dict) -> dict:
 
 
 def _build(config: dict, state: dict, path: str) -> AutoencoderKL:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
     known = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
     try:
         with torch.device("meta"):

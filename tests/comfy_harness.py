@@ -398,7 +398,7 @@ def write_tiny_models(root: Path) -> Path:
     from transformers import T5Config, T5EncoderModel
 
     from pixart_core.hed import ControlNetHED
-    from tests.factories import original_state_dict, tiny_diffusers_transformer
+    from tests.factories import original_state_dict, tiny_diffusers_transformer, to_ldm
 
     root = Path(root)
     for rel in TINY_FILES.values():
@@ -442,7 +442,10 @@ def write_tiny_models(root: Path) -> Path:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             layers_per_block=1, norm_num_groups=32)
-        save_file(contiguous(vae.state_dict()), str(root / TINY_FILES[name]))
+        state = contiguous(vae.state_dict())
+        # as released: sd-vae-ft-ema's diffusion_pytorch_model.safetensors (diffusers keys, renamed, README);
+        # stabilityai/sdxl-vae's sdxl_vae.safetensors is the original ldm layout (decoder.up.N, mid.attn_1, ...)
+        save_file(state if name == "sd_vae" else contiguous(to_ldm(state)), str(root / TINY_FILES[name]))
     _written[key] = root
     return root
 

@@ -136,3 +136,28 @@ def write_all_layouts(model, root: Path, *, text_len: int = 120) -> dict[str, Pa
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj))
     return path
+
+
+def to_ldm(state: dict, num_blocks: int = 4) -> dict:
+    """diffusers AutoencoderKL keys -> the original ldm (CompVis) layout, written independently of diffusers'
+    converter so that the loader's conversion is checked against the real layout: attention projections as 1x1
+    convolutions, up blocks numbered from the bottom, nin_shortcut, norm_out."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        if k.startswith("decoder.up_blocks."):
+            parts = k.split(".")
+            parts[2] = str(num_blocks - 1 - int(parts[2]))
+            k = ".".join(parts)
+        k = (k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+             .replace("down_blocks.", "down.").replace("up_blocks.", "up.").replace(".resnets.", ".block.")
+             .replace("downsamplers.0", "downsample").replace("upsamplers.0", "upsample")
+             .replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out"))
+        if "mid_block.attentions.0" in k:
+            k = k.replace("mid_block.attentions.0", "mid.attn_1")
+            k = (k.replace("group_norm", "norm").replace("to_q", "q").replace("to_k", "k").replace("to_v", "v")
+                 .replace("to_out.0", "proj_out"))
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out[k] = value.clone()
+    return out

@@ -291,6 +291,45 @@ def test_start_after_end_is_explained(env):
         NODE_CLASS_MAPPINGS["PixArtDeltaControlNetApply"]().apply(None, None, torch.zeros(1, 8, 8, 3), 1.0, 0.8, 0.2)
 
 
+def test_tiny_models_have_the_official_names_and_layouts(env):
+    """What the real-ComfyUI test and the workflows load: each file as it is released, heads 72 wide as in XL-2."""
+    from safetensors.torch import load_file
+
+    def pth(key):
+        return torch.load(env / harness.TINY_FILES[key], map_location="cpu", weights_only=True)
+
+    for key in ("alpha", "sigma", "sigma_2k"):  # original .pth: {"state_dict": ...}, fused qkv, y_embedding
+        state = pth(key)["state_dict"]
+        width = state["blocks.0.attn.proj.weight"].shape[0]
+        assert state["blocks.0.attn.qkv.weight"].shape == (3 * width, width) and "y_embedder.y_embedding" in state
+        assert width == 2 * 72, width  # two heads of 72
+    lcm = load_file(env / harness.TINY_FILES["lcm"])  # diffusers' transformer file, renamed
+    assert lcm["transformer_blocks.0.attn1.to_q.weight"].shape == (144, 144) and "adaln_single.linear.weight" in lcm
+    controlnet = pth("controlnet")["state_dict"]  # α base + controlnet.N.copied_block / before_proj / after_proj
+    assert "base_model.blocks.0.attn.qkv.weight" in controlnet and "controlnet.0.after_proj.weight" in controlnet
+    assert {k for k in pth("hed")} >= {"norm", "block1.convs.0.weight", "block5.projection.weight"}
+    t5 = load_file(env / harness.TINY_FILES["t5"])  # ComfyUI's t5xxl_fp16: transformers keys, fp16, shared.weight
+    assert "shared.weight" in t5 and "encoder.block.0.layer.0.SelfAttention.q.weight" in t5
+    assert "encoder.embed_tokens.weight" not in t5 and t5["shared.weight"].dtype == torch.float16
+    sd_vae, sdxl_vae = (load_file(env / harness.TINY_FILES[k]) for k in ("sd_vae", "sdxl_vae"))
+    assert "decoder.up_blocks.0.resnets.0.conv1.weight" in sd_vae  # diffusers' file renamed, as README says
+    assert "decoder.up.0.block.0.conv1.weight" in sdxl_vae and sdxl_vae["encoder.mid.attn_1.q.weight"].ndim == 4
+    assert {Path(v).name for v in harness.TINY_FILES.values()} >= {
+        "PixArt-XL-2-1024-MS.pth", "PixArt-LCM-XL-2-1024-MS.safetensors", "PixArt-Sigma-XL-2-1024-MS.pth",
+        "PixArt-XL-2-1024-ControlNet.pth", "ControlNetHED.pth", "t5xxl_fp16.safetensors", "sdxl_vae.safetensors"}
+
+
+@pytest.mark.parametrize("start,end,words", [(0.8, 0.2, "start must be at most end"), (1.5, 1.0, "from 0 to 1"),
+                                             (0.0, -0.1, "from 0 to 1")])
+def test_controlnet_range_is_refused_at_queue_with_our_message(env, start, end, words):
+    prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True)
+    prompt["11"]["inputs"].update(start=start, end=end)
+    with pytest.raises(harness.PromptRejected) as err:
+        harness.Executor(CLASSES).validate(prompt)
+    errors = err.value.node_errors["11"]["errors"]
+    assert errors and all(e["type"] == "custom_validation_failed" and words in e["details"] for e in errors)
+
+
 def test_wrong_file_in_a_loader_says_what_it_is(env):
     bad = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()
     with pytest.raises(PixArtError, match="T5"):
