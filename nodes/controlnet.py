@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from pixart_core.controlnet import load_controlnet, prepare_control_image
+from pixart_core.controlnet import load_controlnet
 from pixart_core.errors import PixArtError
 from pixart_core.hed import load_hed
-from pixart_core.vae import to_comfy_image
 
 from . import comfy_bridge as bridge
 from . import model_cache
-from .sockets import CONTROL, CONTROLNET, VAE, Control, ControlNet
+from .sockets import CONTROL, CONTROLNET, VAE, Control, ControlNet, image_from_core, image_to_core
 
 FOLDER = "controlnet"
 
@@ -24,24 +23,6 @@ def _validate_file(name: str, what: str):
         except PixArtError as exc:
             return str(exc)
     return True
-
-
-def bind_controls(controls: tuple[Control, ...], transformer, width: int, height: int) -> list:
-    """The control hints for one generation: each image fitted to the generation size, VAE-encoded into the model's
-    latent space, bound to its ControlNet with its strength and start/end."""
-    bound = []
-    for control in controls:
-        vae = control.vae.module
-        vae.check_latent_scale(transformer.config.latent_scale)
-        signed = prepare_control_image(control.image, height, width)
-        hint = vae.encode(signed, input="signed", interrupt=bridge.check_interrupted)  # scaled by the VAE's factor
-        bound.append(control.controlnet.module.bind(transformer, hint, control.strength, control.start, control.end))
-    return bound
-
-
-def managed_models(controls: tuple[Control, ...] | None) -> list:
-    """The ControlNets and VAEs a sampler must load with its transformer."""
-    return [m for c in controls or () for m in (c.controlnet.managed, c.vae.managed)]
 
 
 class PixArtDeltaControlNetLoader:
@@ -153,5 +134,5 @@ class PixArtDeltaHEDPreprocessor:
         key = (model_cache.file_identity(path), str(device))
         with bridge.about_file("HED weights file", hed_name):
             detector = model_cache.ANNOTATORS.get_or_load(key, lambda: load_hed(path, device=device))
-        edges = detector(image)  # (B, 1, H, W) in [0, 1]
-        return (to_comfy_image(edges.expand(-1, 3, -1, -1)).to(bridge.intermediate_device()),)
+        edges = detector(image_to_core(image))  # (B, 1, H, W) in [0, 1]
+        return (image_from_core(edges).to(bridge.intermediate_device()),)

@@ -9,17 +9,15 @@ with previews and stops at the next model evaluation when Cancel is pressed. Bot
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
-from pixart_core.errors import PixArtError
-from pixart_core.pipeline import generate_latents
+from pixart_core.pipeline import sample_batch
 from pixart_core.step_cache import step_cache_options
+from pixart_core.vae import raw_to_scaled, scaled_to_raw
 
 from . import comfy_bridge as bridge
-from .controlnet import bind_controls, managed_models
-from .sockets import CONDITIONING, CONTROL, MODEL, Conditioning, PixArtModel
+from .sockets import CONDITIONING, CONTROL, MODEL, Conditioning, PixArtModel, latent_tensor
 
 log = logging.getLogger("pixart_delta")
 
@@ -33,96 +31,31 @@ _CONTROL = (CONTROL, {"tooltip": "Optional ControlNet guidance from PixArt-δ Ap
 
 
 def _size_from_latent(latent: dict) -> tuple[int, int, int]:
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor):
-        raise PixArtError("The latent input holds no 'samples' tensor; connect a LATENT from Empty Latent, a "
-                          "sampler or a VAE Encode.")
-    if samples.ndim != 4:
-        raise PixArtError(f"The latent has shape {tuple(samples.shape)}; PixArt takes image latents (batch, 4, h, w).")
-    if samples.shape[1] != 4:
-        raise PixArtError(f"The latent has {samples.shape[1]} channels (shape {tuple(samples.shape)}); PixArt uses the "
-                          "4-channel SD / SDXL VAE latent. Connect a latent made for SD/SDXL-family models (e.g. "
-                          "PixArt-δ Empty Latent), not one from an SD3/Flux/video model.")
-    if samples.shape[0] == 0:
-        raise PixArtError("The latent batch is empty (0 images); make it with a batch size of at least 1.")
+    samples = latent_tensor(latent)
     return samples.shape[-1] * 8, samples.shape[-2] * 8, samples.shape[0]
-
-
-def _out_of_memory_error(what: str, width: int, height: int, batch_size: int) -> PixArtError:
-    return PixArtError(
-        f"Out of memory while {what} at {width}x{height} px (batch {batch_size}). Lower the batch size or the size "
-        "(then upscale), load the transformer with precision fp16/bf16 or int8, or close other models; on the CPU, "
-        "free some RAM.")
 
 
 def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
                 latent: dict | None, control, step_cache: str = "off") -> dict:
-    """The one core call both sampler nodes make, with ComfyUI's progress, preview and Cancel hooked in.
-
-    Out of memory with a batch of several images: the images are sampled one at a time instead (image k of a batch
-    uses seed + k, so the result is the same); with one image it is a PixArtError saying what to lower."""
-    if conditioning.embeds.shape[-1] != model.config.caption_channels:
-        raise PixArtError(f"The conditioning has {conditioning.embeds.shape[-1]} channels but this model reads "
-                          f"{model.config.caption_channels}: encode the prompt with the T5 v1.1 XXL encoder.")
-    if latent is not None and "noise_mask" in latent:
-        log.warning("PixArt-δ samplers ignore the latent's noise mask (inpainting is not supported).")
-    cache_options = step_cache_options(step_cache)  # an unknown name fails here, before models are loaded
-    transformer = model.module
+    """The one core call both sampler nodes make (pipeline.sample_batch), with ComfyUI's model loading, progress,
+    preview, Cancel and memory release hooked in, and the LATENT's raw latents converted to the model's scale."""
     scale = model.config.latent_scale
-    init_latent = None
-    if latent is not None and denoise < 1.0:
-        init_latent = latent["samples"].float() * scale  # ComfyUI latents are raw VAE latents; the model's are scaled
-        if not torch.isfinite(init_latent).all():
-            raise PixArtError("The input latent contains NaN or Inf values (a sampler upstream diverged, or the image "
-                              "it was encoded from was broken). Make the latent again, or set denoise to 1 to use only "
-                              "its size.")
-    for c in control or ():
-        if c.image.shape[0] not in (1, batch_size):
-            raise PixArtError(f"The ControlNet image batch has {c.image.shape[0]} images but the sampler makes "
-                              f"{batch_size}; give one control image (used for every image) or one per image.")
-    bridge.load([model.managed] + managed_models(control))
-    progress = bridge.sampling_progress(model.config.family, transformer.device)
-
-    def generate(first: int, count: int) -> torch.Tensor:
-        """Images first .. first+count-1 of the batch (their seeds, start latents and control images)."""
-        controls = None
-        if control:
-            part = tuple(replace(c, image=c.image[first:first + count]) if c.image.shape[0] > 1 else c
-                         for c in control)
-            controls = bind_controls(part, transformer, width, height)
-        start = init_latent
-        if start is not None and start.shape[0] > 1:
-            start = start[first:first + count]
-        return generate_latents(
-            transformer, conditioning.embeds, conditioning.mask,
-            negative_embeds=conditioning.negative_embeds, negative_mask=conditioning.negative_mask,
-            width=width, height=height, sampler=sampler, steps=steps, guidance_scale=guidance,
-            seed=(seed + first) % (MAX_SEED + 1), batch_size=count, binning=False, init_latent=start, denoise=denoise,
-            controls=controls, callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-            interrupt=bridge.check_interrupted, step_cache=cache_options,
-        ).latents
-
-    try:
-        latents = generate(0, batch_size)
-    except Exception as exc:
-        if not bridge.is_out_of_memory(exc):
-            raise
-        bridge.free_cached_memory()
-        if batch_size == 1:
-            raise _out_of_memory_error("sampling", width, height, batch_size) from exc
-        log.warning("PixArt-δ: out of memory sampling %d images at %dx%d at once; sampling them one at a time "
-                    "(same images, less memory).", batch_size, width, height)
-        try:
-            latents = torch.cat([generate(k, 1) for k in range(batch_size)])
-        except Exception as exc2:
-            if not bridge.is_out_of_memory(exc2):
-                raise
-            bridge.free_cached_memory()
-            raise _out_of_memory_error("sampling one image at a time", width, height, 1) from exc2
-    out = dict(latent) if latent is not None else {}
-    out.pop("noise_mask", None)
-    out["samples"] = (latents / scale).to(bridge.intermediate_device(), torch.float32)
+    if latent is not None and "noise_mask" in latent:
+        log.warning("PixArt samplers ignore the latent's noise mask (inpainting is not supported).")
+    init = raw_to_scaled(latent_tensor(latent), scale) if latent is not None and denoise < 1.0 else None
+    cache = step_cache_options(step_cache)  # an unknown name fails here, before models are loaded
+    bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
+    progress = bridge.sampling_progress(model.config.family, model.module.device)
+    latents = sample_batch(
+        model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
+        negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
+        init_latent=init, controls=[c.core() for c in control or ()], sampler=sampler, steps=steps,
+        guidance_scale=guidance, denoise=denoise, step_cache=cache, interrupt=bridge.check_interrupted,
+        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
+        free_memory=bridge.free_cached_memory)
+    out = {k: v for k, v in (latent or {}).items() if k != "noise_mask"}
+    out["samples"] = scaled_to_raw(latents, scale).to(bridge.intermediate_device())
     return out
 
 

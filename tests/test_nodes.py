@@ -388,7 +388,7 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     from pixart_core.transformer import PixArtTransformer
 
     seen_options, batches = [], []
-    core, forward = sampling.generate_latents, PixArtTransformer.forward
+    core, forward = sampling.sample_batch, PixArtTransformer.forward
 
     def spy_core(*args, step_cache=None, **kwargs):
         seen_options.append(step_cache)
@@ -398,7 +398,7 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
         batches.append((x.shape[0], "cross_attn_hook" in kwargs, "block_hook" in kwargs))
         return forward(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate_latents", spy_core)
+    monkeypatch.setattr(sampling, "sample_batch", spy_core)
     monkeypatch.setattr(PixArtTransformer, "forward", spy_forward)
 
     def latent(cache, sampler="dpmpp_2m"):
