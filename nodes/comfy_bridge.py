@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from pixart_core import bundled
-from pixart_core.errors import PixArtError
+from pixart_core.errors import Interrupted, PixArtError
+from pixart_core.memory import free_memory
 
 try:  # ComfyUI puts its root on sys.path; these imports only succeed inside it.
     import comfy.latent_formats as _latent_formats
@@ -148,7 +149,11 @@ def about_file(what: str, name: str) -> Iterator[None]:
 
 
 def validate_model_name(folders: str | Iterable[str], name: str, what: str) -> bool | str:
-    """For VALIDATE_INPUTS: True, or the message saying what is wrong with the file name and what to do."""
+    """For VALIDATE_INPUTS of a file name: True, or the message saying where the file goes (it replaces ComfyUI's
+    generic "value not in list", which naming the input in VALIDATE_INPUTS switches off). A listed name passes; a
+    file that fails to open is reported when the node runs."""
+    if isinstance(name, str) and name in list_models_in([folders] if isinstance(folders, str) else folders):
+        return True
     try:
         model_path(folders, name, what)
     except PixArtError as exc:
@@ -245,71 +250,26 @@ class ManagedModel:
         return f"ManagedModel({type(self.module).__name__} on {self.load_device})"
 
 
-def load(models: Iterable[ManagedModel], memory_required: int = 0) -> None:
+def load(models: Iterable[ManagedModel]) -> None:
     """Put the models on their load devices before use (inside ComfyUI this may unload other models first)."""
     models = [m for m in models if m is not None]
     if IN_COMFYUI:
         # Our modules have no ComfyUI cast-weight layers, so they cannot be partially loaded: always load them whole.
-        _mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
+        _mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
         return
     for m in models:
         m.module.to(m.load_device)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, or a backend's RuntimeError saying the same (MPS, ROCm, older torch)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def free_cached_memory(collect: bool = True) -> None:
-    """After an out-of-memory error: give the allocator's cached blocks back before a lower-memory retry
-    (collect=False skips the garbage collection, which takes a while in a big process, on repeated retries)."""
-    if collect:
-        gc.collect()
+    """After an out-of-memory error: give the allocator's cached blocks back before a lower-memory retry (the core's
+    memory.free_memory, through ComfyUI's soft_empty_cache inside it)."""
     if IN_COMFYUI:
+        if collect:
+            gc.collect()
         _mm.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-_release_callbacks: list[Callable[[], None]] = []
-
-
-def on_memory_release(callback: Callable[[], None]) -> None:
-    """Call `callback` whenever ComfyUI is asked to free memory (and on `release_memory()` outside ComfyUI)."""
-    if callback not in _release_callbacks:
-        _release_callbacks.append(callback)
-    if IN_COMFYUI:
-        hook_unload_all_models(_mm)
-
-
-def release_memory() -> None:
-    """Run the release callbacks (what ComfyUI's unload_all_models triggers), then collect the garbage."""
-    for callback in list(_release_callbacks):
-        try:
-            callback()
-        except Exception as exc:  # freeing memory must never fail the request that asked for it
-            log.warning("PixArt-δ: releasing cached models failed (%s)", exc)
-    free_cached_memory()
-
-
-def hook_unload_all_models(mm) -> None:
-    """Make `mm.unload_all_models()` (model_management's; run by POST /free and the Unload buttons) also release
-    this pack's caches. ComfyUI has no event for it, so the function is wrapped once; if it is missing nothing
-    happens."""
-    original = getattr(mm, "unload_all_models", None)
-    if original is None or getattr(original, "_pixart_delta_release", False):
-        return
-
-    def unload_all_models(*args, **kwargs):
-        result = original(*args, **kwargs)
-        release_memory()
-        return result
-
-    unload_all_models._pixart_delta_release = True
-    unload_all_models.__wrapped__ = original
-    mm.unload_all_models = unload_all_models
+    else:
+        free_memory(collect)
 
 
 # ----------------------------------------------------------------------------------------------- progress, cancel
@@ -320,10 +280,6 @@ def request_interrupt(value: bool = True) -> None:
     """Outside ComfyUI: the stand-in of the Cancel button (the next check raises)."""
     global _interrupt_requested
     _interrupt_requested = value
-
-
-class Interrupted(Exception):
-    """Raised by the stand-in Cancel check outside ComfyUI."""
 
 
 def check_interrupted() -> None:

@@ -16,15 +16,6 @@ from .sockets import CONTROL, CONTROLNET, VAE, Control, ControlNet, image_from_c
 FOLDER = "controlnet"
 
 
-def _validate_file(name: str, what: str):
-    if name not in bridge.list_models(FOLDER):
-        try:
-            bridge.model_path(FOLDER, name, what)
-        except PixArtError as exc:
-            return str(exc)
-    return True
-
-
 class PixArtDeltaControlNetLoader:
     DESCRIPTION = ("Loads a PixArt-δ ControlNet-Transformer from models/controlnet: the ControlNet part of "
                    "PixArt-XL-2-1024-ControlNet.pth / -512-ControlNet.pth (the base inside is not loaded here), or a "
@@ -47,7 +38,7 @@ class PixArtDeltaControlNetLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, controlnet_name):
-        return _validate_file(controlnet_name, "ControlNet file")
+        return bridge.validate_model_name(FOLDER, controlnet_name, "ControlNet file")
 
     def load(self, controlnet_name: str):
         path = bridge.model_path(FOLDER, controlnet_name, "ControlNet file")
@@ -125,7 +116,7 @@ class PixArtDeltaHEDPreprocessor:
 
     @classmethod
     def VALIDATE_INPUTS(cls, hed_name):
-        return _validate_file(hed_name, "HED weights file")
+        return bridge.validate_model_name(FOLDER, hed_name, "HED weights file")
 
     @torch.no_grad()
     def detect(self, image: torch.Tensor, hed_name: str):

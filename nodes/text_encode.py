@@ -46,12 +46,7 @@ class PixArtDeltaT5Loader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, t5_name):
-        if t5_name not in bridge.list_models(FOLDER):
-            try:
-                bridge.model_path(FOLDER, t5_name, "T5 encoder file")
-            except PixArtError as exc:
-                return str(exc)
-        return True
+        return bridge.validate_model_name(FOLDER, t5_name, "T5 encoder file")
 
     def load(self, t5_name: str, precision: str, device: str):
         if device not in DEVICES:

@@ -94,13 +94,7 @@ class PixArtDeltaTransformerLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name):
-        # Named here so ComfyUI's generic "value not in list" is replaced by a message saying where the file goes.
-        if model_name not in bridge.list_models_in(FOLDERS):
-            try:
-                bridge.model_path(FOLDERS, model_name, "Transformer file")
-            except PixArtError as exc:
-                return str(exc)
-        return True
+        return bridge.validate_model_name(FOLDERS, model_name, "Transformer file")
 
     def load(self, model_name: str, precision: str, family: str, train_resolution: str, text_len: str):
         if precision not in PRECISIONS:

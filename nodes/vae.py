@@ -53,12 +53,7 @@ class PixArtDeltaVAELoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name):
-        if vae_name not in bridge.list_models(FOLDER):
-            try:
-                bridge.model_path(FOLDER, vae_name, "VAE file")
-            except PixArtError as exc:
-                return str(exc)
-        return True
+        return bridge.validate_model_name(FOLDER, vae_name, "VAE file")
 
     def load(self, vae_name: str, kind: str, precision: str):
         if kind not in KINDS:

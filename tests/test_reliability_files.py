@@ -352,23 +352,3 @@ def test_validation_rejects_names_not_in_the_folder_list(env):
         assert node.VALIDATE_INPUTS(**{field: name}) is True
         message = node.VALIDATE_INPUTS(**{field: str(env / folder / name)})
         assert isinstance(message, str) and "refused" in message
-
-
-# ------------------------------------------------------------------------------------------------ memory release hook
-def test_comfyui_unload_all_models_also_releases_our_caches(env):
-    """Inside ComfyUI, /free and the Unload buttons call comfy.model_management.unload_all_models(); the pack wraps
-    it once so its caches let go too (tested on a stand-in module with that function)."""
-    calls = []
-
-    class FakeModelManagement:
-        @staticmethod
-        def unload_all_models():
-            calls.append("comfy")
-
-    released = []
-    bridge.on_memory_release(lambda: released.append(1))
-    bridge.hook_unload_all_models(FakeModelManagement)
-    bridge.hook_unload_all_models(FakeModelManagement)  # idempotent: ComfyUI may import the pack twice
-    FakeModelManagement.unload_all_models()
-    assert calls == ["comfy"] and len(released) == 1
-    bridge._release_callbacks[:] = [c for c in bridge._release_callbacks if c is model_cache.release_all]

@@ -439,10 +439,12 @@ def test_model_caches_are_bounded(env):
     assert len(model_cache.TRANSFORMERS) <= model_cache.TRANSFORMERS.capacity
 
 
-def test_caches_release_their_models_when_comfyui_asks_for_memory(env):
-    """What ComfyUI's /free (unload_all_models) triggers: models nobody holds are freed; a model a workflow still
-    holds is reused afterwards, never loaded twice."""
+def test_inside_comfyui_the_caches_keep_nothing_alive_but_never_load_a_held_model_twice(env, monkeypatch):
+    """Inside ComfyUI the caches hold weak references only (capacity 0): a model no workflow output holds is freed,
+    one that is still held is handed out again rather than loaded a second time."""
     model_cache.clear_all()
+    for cache in (model_cache.VAES, model_cache.TRANSFORMERS, model_cache.TEXT_ENCODERS):
+        monkeypatch.setattr(cache, "capacity", 0)
     loader = node("PixArtDeltaVAELoader")
     held = loader.load(FILES["sd_vae"], "auto", "auto")[0]  # e.g. in ComfyUI's output cache
     dropped = weakref.ref(loader.load(FILES["sdxl_vae"], "auto", "auto")[0])
@@ -450,7 +452,6 @@ def test_caches_release_their_models_when_comfyui_asks_for_memory(env):
                                                                          "auto")[0])
     t5 = weakref.ref(node("PixArtDeltaT5Loader").load(FILES["t5"], "fp32", "auto")[0])
     loads = model_cache.VAES.loads
-    bridge.release_memory()
     gc.collect()
     assert dropped() is None and transformer() is None and t5() is None
     assert len(model_cache.VAES) == len(model_cache.TRANSFORMERS) == len(model_cache.TEXT_ENCODERS) == 0
