@@ -56,12 +56,12 @@ class PixArtDeltaControlNetLoader:
 
 class PixArtDeltaControlNetApply:
     DESCRIPTION = ("Sets up a ControlNet with its control image (e.g. HED edges), strength and the part of sampling it "
-                   "acts in. Connect the result to a PixArt-δ sampler's 'control' input; the image is fitted to the "
+                   "acts in. Connect the result to a PixArt sampler's 'control' input; the image is fitted to the "
                    "generation size there.")
     CATEGORY = "PixArt-δ/controlnet"
     RETURN_TYPES = (CONTROL,)
     RETURN_NAMES = ("control",)
-    OUTPUT_TOOLTIPS = ("ControlNet guidance for the PixArt-δ samplers (with any stacked before it).",)
+    OUTPUT_TOOLTIPS = ("ControlNet guidance for the PixArt samplers (with any stacked before it).",)
     FUNCTION = "apply"
 
     @classmethod

@@ -13,17 +13,20 @@ import logging
 import torch
 
 from pixart_core.pipeline import sample_batch
+from pixart_core.step_cache import MODES as STEP_CACHE_MODES
 from pixart_core.step_cache import step_cache_options
 from pixart_core.vae import raw_to_scaled, scaled_to_raw
 
 from . import comfy_bridge as bridge
+from .latent_size import MAX_SIZE
 from .sockets import CONDITIONING, CONTROL, MODEL, Conditioning, PixArtModel, latent_tensor
 
 log = logging.getLogger("pixart_delta")
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SAMPLERS = ["dpmpp_2m", "sa_solver", "euler", "ddim"]
-STEP_CACHES = ["off", "Δ-DiT", "T-GATE", "both"]  # names step_cache_options reads
+STEP_CACHES = list(STEP_CACHE_MODES)
+OLD_STEP_CACHES = {"Δ-DiT": "delta-dit", "T-GATE": "t-gate"}  # the values workflows saved before one spelling
 
 _SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                  "tooltip": "Noise seed. Image k of a batch uses seed + k, so it can be remade alone."})
@@ -44,7 +47,7 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
     if latent is not None and "noise_mask" in latent:
         log.warning("PixArt samplers ignore the latent's noise mask (inpainting is not supported).")
     init = raw_to_scaled(latent_tensor(latent), scale) if latent is not None and denoise < 1.0 else None
-    cache = step_cache_options(step_cache)  # an unknown name fails here, before models are loaded
+    cache = step_cache_options(OLD_STEP_CACHES.get(step_cache, step_cache))  # checked before models are loaded
     bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
     progress = bridge.sampling_progress(model.config.family, model.module.device)
     latents = sample_batch(
@@ -74,6 +77,13 @@ class _SamplerNode:
         return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
 
     @classmethod
+    def VALIDATE_INPUTS(cls, step_cache="off"):
+        # Named here so that workflows saved with the old spellings (Δ-DiT, T-GATE) still load; they are migrated.
+        if step_cache in STEP_CACHES or step_cache in OLD_STEP_CACHES:
+            return True
+        return f"step_cache {step_cache!r} is not one of {', '.join(STEP_CACHES)}; pick one in the node."
+
+    @classmethod
     def optional_inputs(cls) -> dict:
         """ControlNet socket, then the step-cache widget: optional and last, so workflows saved before it keep their
         widget order and load with it off."""
@@ -86,30 +96,31 @@ class PixArtDeltaLCMSampler(_SamplerNode):
                    "distilled into the LCM weights, so the negative prompt is not used. Connect a latent to take "
                    "its size and batch (and, with denoise below 1, its content).")
     STEP_CACHE_TOOLTIP = (
-        "Step caching, off by default: made for the multi-step samplers (14-25 steps). With 4 LCM steps it measured "
-        "Δ-DiT 1.74x faster (0.64% latent change), T-GATE 1.23x (0.1%), both 1.89x, but Δ-DiT then reuses work "
-        "between steps far apart on the schedule, which may show on the trained model: compare with it off.")
+        "Step caching, off by default: made for the multi-step samplers (14-25 steps). With 4 LCM steps delta-dit "
+        "reuses work between steps far apart on the schedule, which may show: compare with it off. Measured speed "
+        "and image change: docs/benchmarks.md.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "A PixArt-δ LCM transformer (PixArt-LCM-XL-2-1024-MS)."}),
-                "conditioning": (CONDITIONING, {"tooltip": "The prompt from PixArt-δ T5 Text Encode."}),
+                "conditioning": (CONDITIONING, {"tooltip": "The prompt from PixArt T5 Text Encode."}),
                 "seed": _SEED,
                 "steps": ("INT", {"default": 4, "min": 1, "max": 50,
                                   "tooltip": "LCM steps: 4 is the official setting, 1-2 are rougher, 8 a little "
                                              "finer."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_SIZE, "step": 16,
                                   "tooltip": "Image width in pixels, a multiple of 16 (ignored when a latent is "
-                                             "connected). PixArt-δ Resolution gives the model's trained sizes."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                                             "connected). PixArt Resolution gives the model's trained sizes."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_SIZE, "step": 16,
                                    "tooltip": "Image height in pixels, a multiple of 16 (ignored when a latent is "
                                               "connected)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Images per run (ignored when a latent is connected)."}),
-                "denoise": cls.denoise_input("1 makes a new image; below 1 keeps that much of the connected latent's "
-                                             "picture (img2img)."),
+                "denoise": cls.denoise_input("How much of the picture is redrawn: 1 makes a new image (a connected "
+                                             "latent gives only its size); below 1 starts from the connected "
+                                             "latent, and the lower the value the more of it is kept (img2img)."),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: a latent whose size and batch to use; its content is "
@@ -122,7 +133,12 @@ class PixArtDeltaLCMSampler(_SamplerNode):
     def sample(self, model, conditioning, seed, steps, width, height, batch_size, denoise, latent=None, control=None,
                step_cache="off"):
         if latent is not None:
-            width, height, batch_size = _size_from_latent(latent)
+            size = _size_from_latent(latent)
+            if size != (width, height, batch_size):
+                log.warning("PixArt-δ LCM Sampler: the connected latent (%dx%d, batch %d) sets the size; the width, "
+                            "height and batch_size widgets (%dx%d, batch %d) are not used.", *size, width, height,
+                            batch_size)
+            width, height, batch_size = size
         return (run_sampler(model, conditioning, sampler="lcm", seed=seed, steps=steps, guidance=0.0, width=width,
                             height=height, batch_size=batch_size, denoise=denoise, latent=latent, control=control,
                             step_cache=step_cache),)
@@ -133,19 +149,18 @@ class PixArtDeltaSampler(_SamplerNode):
                    "SA-Solver (25 steps, CFG 3), Euler or DDIM. Denoise below 1 refines the connected latent "
                    "(img2img, hires-fix).")
     STEP_CACHE_TOOLTIP = (
-        "Step caching, off by default: reuses work of earlier steps, faster at a small change of the image. Δ-DiT "
-        "skips 3/4 of the blocks on every second step; T-GATE reuses cross-attention and drops CFG for the second "
-        "half of the steps. Bench (20 DPM-Solver++ steps, 512 px, full-size model): Δ-DiT 1.60x faster (3.6% "
-        "latent change), T-GATE 1.34x (0.27%), both 2.19x (3.6%). For 14-25 steps; with few steps little is left "
-        "to reuse.")
+        "Step caching, off by default: reuses work of earlier steps, faster at a small change of the image. "
+        "delta-dit skips most blocks on every second step; t-gate reuses cross-attention and drops CFG for the "
+        "second half of the steps; both does both. For 14-25 steps; with few steps little is left to reuse. Measured "
+        "speed and image change: docs/benchmarks.md.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "A PixArt transformer from PixArt-δ Load Transformer."}),
-                "conditioning": (CONDITIONING, {"tooltip": "Prompt and negative prompt from PixArt-δ T5 Text Encode."}),
-                "latent": ("LATENT", {"tooltip": "Sets the size and batch (PixArt-δ Empty Latent or ComfyUI's); with "
+                "model": (MODEL, {"tooltip": "A PixArt transformer from PixArt Load Transformer."}),
+                "conditioning": (CONDITIONING, {"tooltip": "Prompt and negative prompt from PixArt T5 Text Encode."}),
+                "latent": ("LATENT", {"tooltip": "Sets the size and batch (PixArt Empty Latent or ComfyUI's); with "
                                                  "denoise below 1 also the starting image. Sides: multiples of 16 "
                                                  "px."}),
                 "seed": _SEED,
@@ -157,8 +172,9 @@ class PixArtDeltaSampler(_SamplerNode):
                 "sampler_name": (SAMPLERS, {"default": "dpmpp_2m",
                                             "tooltip": "dpmpp_2m: DPM-Solver++ 2M (default); sa_solver: stochastic "
                                                        "SA-Solver; euler; ddim."}),
-                "denoise": cls.denoise_input("1 makes a new image; below 1 keeps that much of the latent's picture "
-                                             "(0.6 for img2img, 0.3-0.5 to refine an upscale)."),
+                "denoise": cls.denoise_input("How much of the picture is redrawn: 1 makes a new image; below 1 starts "
+                                             "from the latent, and the lower the value the more of it is kept (0.6 "
+                                             "for img2img, 0.3-0.5 to refine an upscale)."),
             },
             "optional": cls.optional_inputs(),
         }

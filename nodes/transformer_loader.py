@@ -59,7 +59,7 @@ class PixArtDeltaTransformerLoader:
     CATEGORY = "PixArt-δ/loaders"
     RETURN_TYPES = (MODEL, "STRING")
     RETURN_NAMES = ("model", "info")
-    OUTPUT_TOOLTIPS = ("The transformer, for the PixArt-δ samplers, resolution and text-encode nodes.",
+    OUTPUT_TOOLTIPS = ("The transformer, for the PixArt samplers, resolution and text-encode nodes.",
                        "What was detected: family, size, text length, training resolution, and what was assumed.")
     FUNCTION = "load"
 

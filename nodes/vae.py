@@ -31,7 +31,7 @@ class PixArtDeltaVAELoader:
     CATEGORY = "PixArt-δ/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The VAE, for PixArt-δ VAE Decode / Encode (Tiled) and Apply ControlNet.",)
+    OUTPUT_TOOLTIPS = ("The VAE, for PixArt VAE Decode / Encode (Tiled) and Apply ControlNet.",)
     FUNCTION = "load"
 
     @classmethod
@@ -87,7 +87,7 @@ class PixArtDeltaVAEDecodeTiled:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "samples": ("LATENT", {"tooltip": "The latent to decode (from a PixArt-δ sampler or any SD/SDXL "
+                "samples": ("LATENT", {"tooltip": "The latent to decode (from a PixArt sampler or any SD/SDXL "
                                                   "latent of the same VAE)."}),
                 "vae": (VAE, {"tooltip": "The VAE the latent belongs to (SD VAE for α/δ, SDXL VAE for Σ)."}),
                 "mode": (MODES, {"default": "auto",

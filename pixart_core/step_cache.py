@@ -69,23 +69,19 @@ MODES: dict[str, StepCacheOptions | None] = {
     "t-gate": StepCacheOptions(tgate=True),
     "both": StepCacheOptions(delta_dit=True, tgate=True),
 }
-_ALIASES = {"none": "off", "δ-dit": "delta-dit", "deltadit": "delta-dit", "tgate": "t-gate"}
 
 
 def step_cache_options(mode: str | StepCacheOptions | None) -> StepCacheOptions | None:
-    """Options for a mode name ("off"/"none", "delta-dit"/"Δ-DiT", "t-gate"/"T-GATE", "both"); options given as
-    StepCacheOptions are checked and returned as they are (None too)."""
+    """Options for a mode name (a key of MODES: off, delta-dit, t-gate, both); options given as StepCacheOptions are
+    checked and returned as they are (None too)."""
     if mode is None:
         return None
     if isinstance(mode, StepCacheOptions):
         mode.check()  # a bad setting is reported where it enters, before any work
         return mode
-    key = str(mode).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in MODES:
-        raise PixArtError(f"Unknown step cache {mode!r}; choose one of: off, delta-dit (Δ-DiT), t-gate (T-GATE), "
-                          "both.")
-    return MODES[key]
+    if mode not in MODES:
+        raise PixArtError(f"Unknown step cache {mode!r}; choose one of: {', '.join(MODES)}.")
+    return MODES[mode]
 
 
 def make_step_cache(
