@@ -482,12 +482,3 @@ def bind_controls(inputs: Sequence[ControlInput], base: PixArtTransformer, width
 def controls_at_step(controls: Sequence[ControlHint] | None, step_index: int, total_steps: int) -> list[ControlHint]:
     """The controls to pass to the transformer at one sampling step."""
     return [c for c in (controls or []) if c.active(step_index, total_steps)]
-
-
-def step_of_timestep(timestep: float, timesteps: Sequence[float]) -> int:
-    """The index of the sampling step a model evaluation at `timestep` belongs to: every sampler here evaluates the
-    model once per step, at its entry of `timesteps`, so the nearest entry is that step."""
-    if len(timesteps) == 0:
-        raise PixArtError("No sampling timesteps to place the control schedule on.")
-    t = float(timestep)
-    return min(range(len(timesteps)), key=lambda i: abs(float(timesteps[i]) - t))

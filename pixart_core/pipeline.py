@@ -79,10 +79,11 @@ def _scheduler_class(root: Path) -> Optional[str]:
 
 
 def is_lcm_checkpoint(path: Optional[str | Path]) -> bool:
-    """True for PixArt-δ LCM weights: a diffusers pipeline whose scheduler is LCMScheduler, or "lcm" in the name.
+    """True for PixArt-δ LCM weights in a diffusers pipeline whose scheduler is LCMScheduler.
 
-    The LCM weights have the same shapes as PixArt-XL-2-1024-MS, so only the files around them can tell.
-    """
+    The LCM weights have the same shapes as PixArt-XL-2-1024-MS, so only the files around them can tell; as in
+    checkpoint detection, file names are never trusted (a single LCM file samples with the default sampler unless
+    sampler="lcm" is given)."""
     if path is None:
         return False
     p = Path(path)
@@ -90,7 +91,7 @@ def is_lcm_checkpoint(path: Optional[str | Path]) -> bool:
         scheduler = _scheduler_class(root)
         if scheduler:
             return scheduler == "LCMScheduler"
-    return "lcm" in p.name.lower() or (p.name == "transformer" and "lcm" in p.parent.name.lower())
+    return False
 
 
 def default_sampler(transformer) -> str:

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import PixArtError
+from .schedule import step_of_timestep
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,7 @@ class StepCache:
     # ----- schedule -----
     def step_index(self, t: float | torch.Tensor) -> int:
         """The sampling step a model timestep belongs to (the nearest listed timestep)."""
-        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        return min(range(self.total), key=lambda i: abs(self.timesteps[i] - value))
+        return step_of_timestep(float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else t, self.timesteps)
 
     def guidance_needed(self, t: float | torch.Tensor) -> bool:
         """False once T-GATE has frozen cross-attention: run the conditional batch only, without guidance."""

@@ -20,9 +20,9 @@ from pixart_core.controlnet import (
     load_controlnet,
     prepare_control_image,
     resize_cover_crop,
-    step_of_timestep,
 )
 from pixart_core.errors import PixArtError
+from pixart_core.schedule import step_of_timestep
 from tests.factories import TINY_HEADS, TINY_WIDTH, original_state_dict, tiny_diffusers_transformer
 
 TOL = 1e-4

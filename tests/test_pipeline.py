@@ -318,8 +318,12 @@ def test_lcm_checkpoint_detection(tmp_path):
     assert pl.is_lcm_checkpoint(tmp_path / "lcm_pipe")
     assert pl.is_lcm_checkpoint(tmp_path / "lcm_pipe" / "transformer")
     assert not pl.is_lcm_checkpoint(tmp_path / "alpha_pipe" / "transformer")
-    assert pl.is_lcm_checkpoint(tmp_path / "PixArt-LCM-XL-2-1024-MS.safetensors")
-    assert not pl.is_lcm_checkpoint(tmp_path / "PixArt-XL-2-1024-MS.pth")
+    # file names are never trusted: a lone file, whatever it is called, samples with the default sampler
+    lone = tmp_path / "files" / "PixArt-LCM-XL-2-1024-MS.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes(b"")
+    assert not pl.is_lcm_checkpoint(lone)
+    assert not pl.is_lcm_checkpoint(tmp_path / "files" / "PixArt-XL-2-1024-MS.pth")
 
 
 # ------------------------------------------------------------------------------------------------ step caching
