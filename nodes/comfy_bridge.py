@@ -116,14 +116,12 @@ def model_path(folders: str | Iterable[str], name: str, what: str) -> str:
     if not isinstance(name, str) or not name or "\0" in name:
         raise PixArtError(f"{what}: no file name was given ({name!r}). Pick a file from {places} in the node.")
     if name not in list_models_in(folders):
-        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-            raise PixArtError(f"{what} '{name}' is refused: only files listed from {places} can be loaded (no "
-                              "absolute paths or '..'). Put the file in that folder and pick it in the node.")
-        searched = "; ".join(d for f in folders for d in folder_dirs(f))
-        raise PixArtError(
-            f"{what} '{name}' was not found in {places} (searched: {searched}). Put the file there and press R in "
-            f"the ComfyUI page to refresh the list, or pick another file in the node."
-        )
+        raise _not_listed(folders, name, what, places)
+    return _listed_file(folders, name, what, places)
+
+
+def _listed_file(folders: list[str], name: str, what: str, places: str) -> str:
+    """The path of a listed name, or why it cannot be opened."""
     for folder in folders:
         candidates = ([_folder_paths.get_full_path(folder, name)] if IN_COMFYUI
                       else [os.path.join(d, name) for d in folder_dirs(folder)])
@@ -135,6 +133,18 @@ def model_path(folders: str | Iterable[str], name: str, what: str) -> str:
                                   "or a loop of links). Replace it with the file itself or a link to it.")
     raise PixArtError(f"{what} '{name}' is listed in {places} but could not be opened; press R in the ComfyUI page "
                       "to refresh the list.")
+
+
+def _not_listed(folders: list[str], name: str, what: str, places: str) -> PixArtError:
+    """The error for a name the folders' file list does not show: refused, or not found (where to put it)."""
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return PixArtError(f"{what} '{name}' is refused: only files listed from {places} can be loaded (no "
+                           "absolute paths or '..'). Put the file in that folder and pick it in the node.")
+    searched = "; ".join(d for f in folders for d in folder_dirs(f))
+    return PixArtError(
+        f"{what} '{name}' was not found in {places} (searched: {searched}). Put the file there and press R in "
+        f"the ComfyUI page to refresh the list, or pick another file in the node."
+    )
 
 
 @contextmanager

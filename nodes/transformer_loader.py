@@ -33,6 +33,14 @@ def _overrides(family: str, train_resolution: str, text_len: str) -> dict:
     return out
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
+        raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
+                          "choose int8 (same memory) or update torch to 2.1 or later.")
+
+
 def describe_detection(name: str, summary: dict, precision: str, dtype: torch.dtype) -> str:
     """What the loader found, in words a user can check against the model card."""
     yes_no = {True: "yes", False: "no"}
@@ -97,11 +105,7 @@ class PixArtDeltaTransformerLoader:
         return bridge.validate_model_name(FOLDERS, model_name, "Transformer file")
 
     def load(self, model_name: str, precision: str, family: str, train_resolution: str, text_len: str):
-        if precision not in PRECISIONS:
-            raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-        if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
-            raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
-                              "choose int8 (same memory) or update torch to 2.1 or later.")
+        _check_precision(precision)
         path = bridge.model_path(FOLDERS, model_name, "Transformer file")
         overrides = _overrides(family, train_resolution, text_len)
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()

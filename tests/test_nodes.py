@@ -287,11 +287,27 @@ def test_alpha_controlnet_on_a_sigma_model_is_refused_with_the_reason(env):
     assert "PixArt-α" in message and "PixArt-Σ" in message and "latent" in message
 
 
-def test_controlnet_runs_on_an_alpha_model_and_changes_the_image(env):
+def test_controlnet_runs_on_an_alpha_model_as_the_core_does(env):
+    """The node graph gives exactly what the core gives for the same control image bound by hand, and strength 0
+    gives exactly the uncontrolled image."""
+    from pixart_core.controlnet import prepare_control_image
+    from pixart_core.pipeline import generate_latents
+
     plain, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
     controlled, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True))
-    a, b = plain.last_results["4"][0]["samples"], controlled.last_results["4"][0]["samples"]
-    assert a.shape == b.shape and (a - b).abs().max() > 1e-4
+    model, cond = controlled.last_results["1"][0], controlled.last_results["3"][0]
+    control = controlled.last_results["11"][0][0]
+    image = prepare_control_image(control.image[..., :3].movedim(-1, 1), 64, 64)
+    hint = control.controlnet.module.bind(model.module, control.vae.module.encode(image, input="signed"))
+    expected = generate_latents(model.module, cond.embeds, cond.mask, negative_embeds=cond.negative_embeds,
+                                negative_mask=cond.negative_mask, width=64, height=64, sampler="dpmpp_2m", steps=2,
+                                guidance_scale=4.5, seed=1, binning=False, controls=[hint]).latents
+    got = controlled.last_results["4"][0]["samples"]
+    assert torch.equal(got, expected / model.config.latent_scale)
+    off = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True)
+    off["11"]["inputs"]["strength"] = 0.0
+    assert torch.equal(run(off)[0].last_results["4"][0]["samples"], plain.last_results["4"][0]["samples"])
+    assert not torch.equal(got, plain.last_results["4"][0]["samples"])
 
 
 def test_start_after_end_is_explained(env):

@@ -241,9 +241,15 @@ def test_combined_controlnet_file_also_loads_as_its_base_transformer(env):
     name = "PixArt-XL-2-1024-ControlNet.pth"
     shutil.copy(env / harness.TINY_FILES["controlnet"], env / "diffusion_models" / name)
     try:
-        run_loader("transformer", name)
+        executor = harness.Executor(CLASSES)
+        executor.run(loader_prompt("transformer", name))
+        loaded = executor.last_results["1"][0].module.state_dict()
     finally:
         (env / "diffusion_models" / name).unlink()
+    from pixart_core.checkpoint import load_transformer
+
+    base = load_transformer(env / harness.TINY_FILES["alpha"]).state_dict()  # the α model the file was built on
+    assert loaded.keys() == base.keys() and all(torch.equal(loaded[k], base[k]) for k in base)
 
 
 # ------------------------------------------------------------------------------------------------ links, folders

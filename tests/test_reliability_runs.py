@@ -270,9 +270,14 @@ def test_images_with_alpha_or_one_channel(env, parts, channels):
     edges = node("PixArtDeltaHEDPreprocessor").detect(image, FILES["hed"])[0]
     assert edges.shape == (1, 32, 32, 3) and torch.isfinite(edges).all()
     control = node("PixArtDeltaControlNetApply").apply(parts["controlnet"], parts["sd_vae"], image, 1.0, 0.0, 1.0)[0]
-    out = node("PixArtDeltaSampler").sample(parts["alpha"], parts["cond"], {"samples": torch.zeros(1, 4, 4, 4)}, 1,
-                                            1, 4.5, "euler", 1.0, control=control)[0]
-    assert torch.isfinite(out["samples"]).all()
+    sampler, latent = node("PixArtDeltaSampler"), {"samples": torch.zeros(1, 4, 4, 4)}
+    out = sampler.sample(parts["alpha"], parts["cond"], latent, 1, 1, 4.5, "euler", 1.0, control=control)[0]
+    rgb_control = node("PixArtDeltaControlNetApply").apply(parts["controlnet"], parts["sd_vae"], as_rgb.contiguous(),
+                                                           1.0, 0.0, 1.0)[0]
+    expected = sampler.sample(parts["alpha"], parts["cond"], latent, 1, 1, 4.5, "euler", 1.0, control=rgb_control)[0]
+    assert torch.equal(out["samples"], expected["samples"])  # the control image's alpha (or grey) changes nothing
+    plain = sampler.sample(parts["alpha"], parts["cond"], latent, 1, 1, 4.5, "euler", 1.0)[0]
+    assert not torch.equal(out["samples"], plain["samples"])
 
 
 @pytest.mark.parametrize("channels", [2, 5])

@@ -4,7 +4,6 @@ dependency order, tests/comfy_harness.py) on tiny models written under the offic
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -102,8 +101,6 @@ def test_ui_file_converts_to_its_api_twin(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_on_tiny_models(env, name):
-    if "int8" in name and importlib.util.find_spec("pixart_core.quantize") is None:
-        pytest.skip("the 8-bit transformer needs pixart_core.quantize.load_transformer_int8 (not in the core yet)")
     assert run_and_measure(shrink(load(WORKFLOWS / "api" / f"{name}.json")), name) == EXPECTED[name]
 
 
