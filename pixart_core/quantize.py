@@ -13,8 +13,6 @@ Both take about half of the bf16 weight memory (bench/bench_memory.py measures i
 
 from __future__ import annotations
 
-import ctypes
-import sys
 
 import torch
 import torch.nn.functional as F

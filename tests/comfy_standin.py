@@ -5,7 +5,6 @@ mode without a ComfyUI checkout. `install(models_root, comfy_dir)` puts the modu
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from pathlib import Path
