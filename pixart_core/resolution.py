@@ -115,7 +115,6 @@ class SizePlan:
         return self.gen_height // 8, self.gen_width // 8
 
 
-
 def plan_size(width: int, height: int, bin_size: int, binning: bool = True) -> SizePlan:
     """Decide the generation size for a request: the closest bin when binning, else the request itself. A model
     trained at a size with no bin table (PixArt-nano, 64 px) has nothing to snap to, so it is never binned."""
