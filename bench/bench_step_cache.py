@@ -7,10 +7,10 @@ the uncached run, and how much the final latent changed (relative L2 and cosine 
 Target (issue 7): >= 1.4x at 20 steps. Random weights: the change says how far caching moves the trajectory, not how
 an image from trained weights looks.
 
-    python bench/bench_step_cache.py                 # 20 steps at 512 px: none / delta / tgate / both
+    python bench/bench_step_cache.py                 # 20 steps at 512 px: off / delta-dit / t-gate / both
     python bench/bench_step_cache.py --lcm           # the 4-step LCM case (no CFG)
     python bench/bench_step_cache.py --threads 1 --clock cpu     # CPU seconds: stable on a shared machine
-    python bench/bench_step_cache.py --size 1024 --variants none delta
+    python bench/bench_step_cache.py --size 1024 --variants off delta-dit
     python bench/bench_step_cache.py --quick         # tiny model, seconds (smoke test)
 """
 
@@ -29,14 +29,9 @@ from common import FULL, TINY, CachedGuidance, machine_line, our_transformer, pr
 
 from pixart_core import samplers  # noqa: E402
 from pixart_core.schedule import ddpm_schedule  # noqa: E402
-from pixart_core.step_cache import StepCacheOptions, make_step_cache  # noqa: E402
+from pixart_core.step_cache import MODES, StepCacheOptions, make_step_cache  # noqa: E402
 
-VARIANTS = {
-    "none": StepCacheOptions(),
-    "delta": StepCacheOptions(delta_dit=True),
-    "tgate": StepCacheOptions(tgate=True),
-    "both": StepCacheOptions(delta_dit=True, tgate=True),
-}
+VARIANTS = {name: options or StepCacheOptions() for name, options in MODES.items()}  # off, delta-dit, t-gate, both
 
 
 def generate(model, sampler: str, steps: int, scale: float, size: int, options: StepCacheOptions, seed: int = 0,
@@ -72,13 +67,13 @@ def main(argv=None) -> None:
     steps = args.steps or (4 if args.lcm else (8 if args.quick else 20))
     print(machine_line(), flush=True)
     model = our_transformer(shape, torch.bfloat16)
-    variants = ["none"] + [v for v in args.variants if v != "none"]
+    variants = ["off"] + [v for v in args.variants if v != "off"]
     results = {}
     for name in variants:
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         results[name] = generate(model, sampler, steps, scale, size, VARIANTS[name], clock=clock)
         print(f"  {name}: {results[name][0]:.1f} s", flush=True)
-    base_t, base = results["none"]
+    base_t, base = results["off"]
     rows = []
     for name, (t, latent) in results.items():
         rel = ((latent - base).norm() / base.norm()).item()

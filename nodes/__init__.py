@@ -1,7 +1,8 @@
 """The ComfyUI nodes of PixArt-δ: thin classic (V1) node classes over pixart_core.
 
-Every class name starts with PixArtDelta and every display name with "PixArt-δ", so no other pack's nodes clash
-(ComfyUI silently drops a node whose name is already taken).
+Every class name starts with PixArtDelta, so no other pack's nodes clash (ComfyUI silently drops a node whose name is
+already taken); class names, input names and widget order never change, so saved workflows keep loading. Display
+names say "PixArt" for nodes that serve every family (α, Σ, δ) and "PixArt-δ" where δ is meant (LCM, ControlNet).
 """
 
 from .controlnet import PixArtDeltaControlNetApply, PixArtDeltaControlNetLoader, PixArtDeltaHEDPreprocessor
@@ -28,19 +29,19 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "PixArtDeltaTransformerLoader": "PixArt-δ Load Transformer",
-    "PixArtDeltaT5Loader": "PixArt-δ Load T5 Encoder",
-    "PixArtDeltaT5TextEncode": "PixArt-δ T5 Text Encode",
-    "PixArtDeltaResolutionSelect": "PixArt-δ Resolution",
-    "PixArtDeltaEmptyLatent": "PixArt-δ Empty Latent",
+    "PixArtDeltaTransformerLoader": "PixArt Load Transformer",
+    "PixArtDeltaT5Loader": "PixArt Load T5 Encoder",
+    "PixArtDeltaT5TextEncode": "PixArt T5 Text Encode",
+    "PixArtDeltaResolutionSelect": "PixArt Resolution",
+    "PixArtDeltaEmptyLatent": "PixArt Empty Latent",
     "PixArtDeltaLCMSampler": "PixArt-δ LCM Sampler",
-    "PixArtDeltaSampler": "PixArt-δ Sampler",
+    "PixArtDeltaSampler": "PixArt Sampler",
     "PixArtDeltaControlNetLoader": "PixArt-δ Load ControlNet",
     "PixArtDeltaControlNetApply": "PixArt-δ Apply ControlNet",
     "PixArtDeltaHEDPreprocessor": "PixArt-δ HED Edges",
-    "PixArtDeltaVAELoader": "PixArt-δ Load VAE",
-    "PixArtDeltaVAEDecodeTiled": "PixArt-δ VAE Decode (Tiled)",
-    "PixArtDeltaVAEEncodeTiled": "PixArt-δ VAE Encode (Tiled)",
+    "PixArtDeltaVAELoader": "PixArt Load VAE",
+    "PixArtDeltaVAEDecodeTiled": "PixArt VAE Decode (Tiled)",
+    "PixArtDeltaVAEEncodeTiled": "PixArt VAE Encode (Tiled)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

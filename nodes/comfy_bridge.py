@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from pixart_core import bundled
-from pixart_core.errors import PixArtError
+from pixart_core.errors import Interrupted, PixArtError
+from pixart_core.memory import free_memory
 
 try:  # ComfyUI puts its root on sys.path; these imports only succeed inside it.
     import comfy.latent_formats as _latent_formats
@@ -115,14 +116,12 @@ def model_path(folders: str | Iterable[str], name: str, what: str) -> str:
     if not isinstance(name, str) or not name or "\0" in name:
         raise PixArtError(f"{what}: no file name was given ({name!r}). Pick a file from {places} in the node.")
     if name not in list_models_in(folders):
-        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-            raise PixArtError(f"{what} '{name}' is refused: only files listed from {places} can be loaded (no "
-                              "absolute paths or '..'). Put the file in that folder and pick it in the node.")
-        searched = "; ".join(d for f in folders for d in folder_dirs(f))
-        raise PixArtError(
-            f"{what} '{name}' was not found in {places} (searched: {searched}). Put the file there and press R in "
-            f"the ComfyUI page to refresh the list, or pick another file in the node."
-        )
+        raise _not_listed(folders, name, what, places)
+    return _listed_file(folders, name, what, places)
+
+
+def _listed_file(folders: list[str], name: str, what: str, places: str) -> str:
+    """The path of a listed name, or why it cannot be opened."""
     for folder in folders:
         candidates = ([_folder_paths.get_full_path(folder, name)] if IN_COMFYUI
                       else [os.path.join(d, name) for d in folder_dirs(folder)])
@@ -134,6 +133,18 @@ def model_path(folders: str | Iterable[str], name: str, what: str) -> str:
                                   "or a loop of links). Replace it with the file itself or a link to it.")
     raise PixArtError(f"{what} '{name}' is listed in {places} but could not be opened; press R in the ComfyUI page "
                       "to refresh the list.")
+
+
+def _not_listed(folders: list[str], name: str, what: str, places: str) -> PixArtError:
+    """The error for a name the folders' file list does not show: refused, or not found (where to put it)."""
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return PixArtError(f"{what} '{name}' is refused: only files listed from {places} can be loaded (no "
+                           "absolute paths or '..'). Put the file in that folder and pick it in the node.")
+    searched = "; ".join(d for f in folders for d in folder_dirs(f))
+    return PixArtError(
+        f"{what} '{name}' was not found in {places} (searched: {searched}). Put the file there and press R in "
+        f"the ComfyUI page to refresh the list, or pick another file in the node."
+    )
 
 
 @contextmanager
@@ -148,7 +159,11 @@ def about_file(what: str, name: str) -> Iterator[None]:
 
 
 def validate_model_name(folders: str | Iterable[str], name: str, what: str) -> bool | str:
-    """For VALIDATE_INPUTS: True, or the message saying what is wrong with the file name and what to do."""
+    """For VALIDATE_INPUTS of a file name: True, or the message saying where the file goes (it replaces ComfyUI's
+    generic "value not in list", which naming the input in VALIDATE_INPUTS switches off). A listed name passes; a
+    file that fails to open is reported when the node runs."""
+    if isinstance(name, str) and name in list_models_in([folders] if isinstance(folders, str) else folders):
+        return True
     try:
         model_path(folders, name, what)
     except PixArtError as exc:
@@ -245,71 +260,26 @@ class ManagedModel:
         return f"ManagedModel({type(self.module).__name__} on {self.load_device})"
 
 
-def load(models: Iterable[ManagedModel], memory_required: int = 0) -> None:
+def load(models: Iterable[ManagedModel]) -> None:
     """Put the models on their load devices before use (inside ComfyUI this may unload other models first)."""
     models = [m for m in models if m is not None]
     if IN_COMFYUI:
         # Our modules have no ComfyUI cast-weight layers, so they cannot be partially loaded: always load them whole.
-        _mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
+        _mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
         return
     for m in models:
         m.module.to(m.load_device)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, or a backend's RuntimeError saying the same (MPS, ROCm, older torch)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def free_cached_memory(collect: bool = True) -> None:
-    """After an out-of-memory error: give the allocator's cached blocks back before a lower-memory retry
-    (collect=False skips the garbage collection, which takes a while in a big process, on repeated retries)."""
-    if collect:
-        gc.collect()
+    """After an out-of-memory error: give the allocator's cached blocks back before a lower-memory retry (the core's
+    memory.free_memory, through ComfyUI's soft_empty_cache inside it)."""
     if IN_COMFYUI:
+        if collect:
+            gc.collect()
         _mm.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-_release_callbacks: list[Callable[[], None]] = []
-
-
-def on_memory_release(callback: Callable[[], None]) -> None:
-    """Call `callback` whenever ComfyUI is asked to free memory (and on `release_memory()` outside ComfyUI)."""
-    if callback not in _release_callbacks:
-        _release_callbacks.append(callback)
-    if IN_COMFYUI:
-        hook_unload_all_models(_mm)
-
-
-def release_memory() -> None:
-    """Run the release callbacks (what ComfyUI's unload_all_models triggers), then collect the garbage."""
-    for callback in list(_release_callbacks):
-        try:
-            callback()
-        except Exception as exc:  # freeing memory must never fail the request that asked for it
-            log.warning("PixArt-δ: releasing cached models failed (%s)", exc)
-    free_cached_memory()
-
-
-def hook_unload_all_models(mm) -> None:
-    """Make `mm.unload_all_models()` (model_management's; run by POST /free and the Unload buttons) also release
-    this pack's caches. ComfyUI has no event for it, so the function is wrapped once; if it is missing nothing
-    happens."""
-    original = getattr(mm, "unload_all_models", None)
-    if original is None or getattr(original, "_pixart_delta_release", False):
-        return
-
-    def unload_all_models(*args, **kwargs):
-        result = original(*args, **kwargs)
-        release_memory()
-        return result
-
-    unload_all_models._pixart_delta_release = True
-    unload_all_models.__wrapped__ = original
-    mm.unload_all_models = unload_all_models
+    else:
+        free_memory(collect)
 
 
 # ----------------------------------------------------------------------------------------------- progress, cancel
@@ -320,10 +290,6 @@ def request_interrupt(value: bool = True) -> None:
     """Outside ComfyUI: the stand-in of the Cancel button (the next check raises)."""
     global _interrupt_requested
     _interrupt_requested = value
-
-
-class Interrupted(Exception):
-    """Raised by the stand-in Cancel check outside ComfyUI."""
 
 
 def check_interrupted() -> None:

@@ -5,43 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from pixart_core.controlnet import load_controlnet, prepare_control_image
+from pixart_core.controlnet import load_controlnet
 from pixart_core.errors import PixArtError
 from pixart_core.hed import load_hed
-from pixart_core.vae import to_comfy_image
 
 from . import comfy_bridge as bridge
 from . import model_cache
-from .sockets import CONTROL, CONTROLNET, VAE, Control, ControlNet
+from .sockets import CONTROL, CONTROLNET, VAE, Control, ControlNet, image_from_core, image_to_core
 
 FOLDER = "controlnet"
-
-
-def _validate_file(name: str, what: str):
-    if name not in bridge.list_models(FOLDER):
-        try:
-            bridge.model_path(FOLDER, name, what)
-        except PixArtError as exc:
-            return str(exc)
-    return True
-
-
-def bind_controls(controls: tuple[Control, ...], transformer, width: int, height: int) -> list:
-    """The control hints for one generation: each image fitted to the generation size, VAE-encoded into the model's
-    latent space, bound to its ControlNet with its strength and start/end."""
-    bound = []
-    for control in controls:
-        vae = control.vae.module
-        vae.check_latent_scale(transformer.config.latent_scale)
-        signed = prepare_control_image(control.image, height, width)
-        hint = vae.encode(signed, input="signed", interrupt=bridge.check_interrupted)  # scaled by the VAE's factor
-        bound.append(control.controlnet.module.bind(transformer, hint, control.strength, control.start, control.end))
-    return bound
-
-
-def managed_models(controls: tuple[Control, ...] | None) -> list:
-    """The ControlNets and VAEs a sampler must load with its transformer."""
-    return [m for c in controls or () for m in (c.controlnet.managed, c.vae.managed)]
 
 
 class PixArtDeltaControlNetLoader:
@@ -66,7 +38,7 @@ class PixArtDeltaControlNetLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, controlnet_name):
-        return _validate_file(controlnet_name, "ControlNet file")
+        return bridge.validate_model_name(FOLDER, controlnet_name, "ControlNet file")
 
     def load(self, controlnet_name: str):
         path = bridge.model_path(FOLDER, controlnet_name, "ControlNet file")
@@ -84,12 +56,12 @@ class PixArtDeltaControlNetLoader:
 
 class PixArtDeltaControlNetApply:
     DESCRIPTION = ("Sets up a ControlNet with its control image (e.g. HED edges), strength and the part of sampling it "
-                   "acts in. Connect the result to a PixArt-δ sampler's 'control' input; the image is fitted to the "
+                   "acts in. Connect the result to a PixArt sampler's 'control' input; the image is fitted to the "
                    "generation size there.")
     CATEGORY = "PixArt-δ/controlnet"
     RETURN_TYPES = (CONTROL,)
     RETURN_NAMES = ("control",)
-    OUTPUT_TOOLTIPS = ("ControlNet guidance for the PixArt-δ samplers (with any stacked before it).",)
+    OUTPUT_TOOLTIPS = ("ControlNet guidance for the PixArt samplers (with any stacked before it).",)
     FUNCTION = "apply"
 
     @classmethod
@@ -155,7 +127,7 @@ class PixArtDeltaHEDPreprocessor:
 
     @classmethod
     def VALIDATE_INPUTS(cls, hed_name):
-        return _validate_file(hed_name, "HED weights file")
+        return bridge.validate_model_name(FOLDER, hed_name, "HED weights file")
 
     @torch.no_grad()
     def detect(self, image: torch.Tensor, hed_name: str):
@@ -164,5 +136,5 @@ class PixArtDeltaHEDPreprocessor:
         key = (model_cache.file_identity(path), str(device))
         with bridge.about_file("HED weights file", hed_name):
             detector = model_cache.ANNOTATORS.get_or_load(key, lambda: load_hed(path, device=device))
-        edges = detector(image)  # (B, 1, H, W) in [0, 1]
-        return (to_comfy_image(edges.expand(-1, 3, -1, -1)).to(bridge.intermediate_device()),)
+        edges = detector(image_to_core(image))  # (B, 1, H, W) in [0, 1]
+        return (image_from_core(edges).to(bridge.intermediate_device()),)

@@ -9,9 +9,20 @@ from pixart_core.resolution import BIN_TABLES, bin_table, classify_height_width_
 from . import comfy_bridge as bridge
 from .sockets import MODEL
 
-# Every bin key of every table (the 2K table has a few more), ordered from wide to tall; height / width.
-ASPECT_RATIOS = sorted({k for table in BIN_TABLES.values() for k in table}, key=float)
-MAX_SIZE = 16384
+# Width:height labels from wide to tall; each picks the model's bin closest to its height / width.
+ASPECT_RATIOS = ["4:1", "3:1", "21:9", "2:1", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16", "1:2",
+                 "9:21", "1:3", "1:4"]
+# Workflows saved before the labels hold a bin key (height / width as a decimal, e.g. "0.57"); they still load.
+DECIMAL_RATIOS = sorted({k for table in BIN_TABLES.values() for k in table}, key=float)
+MAX_SIZE = 16384  # px: the largest width / height the size widgets take
+
+
+def height_over_width(aspect_ratio: str) -> float:
+    """A "W:H" label, or an older workflow's height / width decimal, as height / width."""
+    if ":" in aspect_ratio:
+        width, height = aspect_ratio.split(":")
+        return float(height) / float(width)
+    return float(aspect_ratio)
 
 
 class PixArtDeltaResolutionSelect:
@@ -30,19 +41,27 @@ class PixArtDeltaResolutionSelect:
             "required": {
                 "model": (MODEL, {"tooltip": "The transformer whose training bins to use."}),
                 "aspect_ratio": (ASPECT_RATIOS, {
-                    "default": "1.0",
-                    "tooltip": "Height divided by width: below 1 is landscape (0.57 is about 16:9), 1.0 square, "
-                               "above 1 portrait. A ratio the model has no bin for picks its closest bin."}),
+                    "default": "1:1",
+                    "tooltip": "Width:height, e.g. 16:9 landscape, 1:1 square, 9:16 portrait. The model's trained "
+                               "size closest to that shape is picked."}),
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, aspect_ratio):
+        # Named here so that older workflows' decimal values (height / width, e.g. "0.57") still pass.
+        if aspect_ratio in ASPECT_RATIOS or aspect_ratio in DECIMAL_RATIOS:
+            return True
+        return f"aspect_ratio {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}; pick one in the node."
+
     def select(self, model, aspect_ratio: str):
-        height, width = classify_height_width_bin(float(aspect_ratio), 1.0, bin_table(model.config.bin_size))
+        table = bin_table(model.config.bin_size)
+        height, width = classify_height_width_bin(height_over_width(aspect_ratio), 1.0, table)
         return (width, height)
 
 
 class PixArtDeltaEmptyLatent:
-    DESCRIPTION = ("An empty latent of the given size for the PixArt-δ samplers (ComfyUI's own LATENT, so native "
+    DESCRIPTION = ("An empty latent of the given size for the PixArt samplers (ComfyUI's own LATENT, so native "
                    "latent nodes work with it). Sizes must be multiples of 16.")
     CATEGORY = "PixArt-δ/latent"
     RETURN_TYPES = ("LATENT",)

@@ -1,13 +1,12 @@
-"""A small bounded cache of loaded models, so queuing again with the same loader settings does not reload a file.
+"""Loaded models by file and settings, so the same file with the same settings is never loaded twice at once.
 
-ComfyUI already skips a loader whose inputs did not change; this cache also covers switching between workflows (and
-the tests, which have no ComfyUI). Entries are keyed by the file's identity (path, size, modification time) and every
-setting that changes the loaded weights, so an edited file or a new precision loads afresh.
+Inside ComfyUI a model lives as long as ComfyUI keeps it: its executor caches node outputs (a loader whose inputs did
+not change is not run again) and its model management moves the weights. This cache holds only weak references there:
+a model some workflow output still holds is handed out again instead of a second copy; nothing is kept alive here.
+Outside ComfyUI (tests, scripts) nothing else caches, so each kind also keeps its `capacity` most recent models.
 
-Memory: each cache holds at most `capacity` models, and when ComfyUI is asked to free memory (the /free API, the
-"Unload models" buttons; `comfy.model_management.unload_all_models`) every cache lets go of its models. A model a
-workflow still holds (ComfyUI's own output cache, a running prompt) stays reachable through a weak reference, so it is
-reused rather than loaded a second time; the rest are freed.
+Entries are keyed by the file's identity (path, size, modification time) and every setting that changes the loaded
+weights, so an edited file or a new precision loads afresh.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ def file_identity(path: str | os.PathLike) -> tuple:
 
 
 class ModelCache:
-    """Least-recently-used cache holding at most `capacity` models of one kind."""
+    """Least-recently-used cache holding at most `capacity` models of one kind (0: weak references only), plus a
+    weak reference to every model it handed out."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -63,11 +63,6 @@ class ModelCache:
                 pass
         return value
 
-    def release(self) -> None:
-        """Drop this cache's hold on its models (what nobody else uses is freed by the garbage collector)."""
-        with self._lock:
-            self._entries.clear()
-
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -77,26 +72,18 @@ class ModelCache:
         return len(self._entries)
 
 
-TRANSFORMERS = ModelCache(capacity=2)
-TEXT_ENCODERS = ModelCache(capacity=1)  # T5-XXL is 5-19 GB: keep one
-VAES = ModelCache(capacity=2)
-CONTROLNETS = ModelCache(capacity=2)
-ANNOTATORS = ModelCache(capacity=1)
+def _strong(capacity: int) -> int:
+    return 0 if bridge.IN_COMFYUI else capacity
+
+
+TRANSFORMERS = ModelCache(capacity=_strong(2))
+TEXT_ENCODERS = ModelCache(capacity=_strong(1))  # T5-XXL is 5-19 GB: keep one
+VAES = ModelCache(capacity=_strong(2))
+CONTROLNETS = ModelCache(capacity=_strong(2))
+ANNOTATORS = ModelCache(capacity=_strong(1))
 _ALL = (TRANSFORMERS, TEXT_ENCODERS, VAES, CONTROLNETS, ANNOTATORS)
-
-
-def release_all() -> None:
-    """Let go of every cached model and prompt embedding: ComfyUI asked for memory."""
-    from pixart_core.text_encoder import clear_cache
-
-    for cache in _ALL:
-        cache.release()
-    clear_cache()
 
 
 def clear_all() -> None:
     for cache in _ALL:
         cache.clear()
-
-
-bridge.on_memory_release(release_all)

@@ -9,23 +9,24 @@ with previews and stops at the next model evaluation when Cancel is pressed. Bot
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
-from pixart_core.errors import PixArtError
-from pixart_core.pipeline import generate_latents
+from pixart_core.pipeline import sample_batch
+from pixart_core.step_cache import MODES as STEP_CACHE_MODES
 from pixart_core.step_cache import step_cache_options
+from pixart_core.vae import raw_to_scaled, scaled_to_raw
 
 from . import comfy_bridge as bridge
-from .controlnet import bind_controls, managed_models
-from .sockets import CONDITIONING, CONTROL, MODEL, Conditioning, PixArtModel
+from .latent_size import MAX_SIZE
+from .sockets import CONDITIONING, CONTROL, MODEL, Conditioning, PixArtModel, latent_tensor
 
 log = logging.getLogger("pixart_delta")
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SAMPLERS = ["dpmpp_2m", "sa_solver", "euler", "ddim"]
-STEP_CACHES = ["off", "Δ-DiT", "T-GATE", "both"]  # names step_cache_options reads
+STEP_CACHES = list(STEP_CACHE_MODES)
+OLD_STEP_CACHES = {"Δ-DiT": "delta-dit", "T-GATE": "t-gate"}  # the values workflows saved before one spelling
 
 _SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                  "tooltip": "Noise seed. Image k of a batch uses seed + k, so it can be remade alone."})
@@ -33,96 +34,31 @@ _CONTROL = (CONTROL, {"tooltip": "Optional ControlNet guidance from PixArt-δ Ap
 
 
 def _size_from_latent(latent: dict) -> tuple[int, int, int]:
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor):
-        raise PixArtError("The latent input holds no 'samples' tensor; connect a LATENT from Empty Latent, a "
-                          "sampler or a VAE Encode.")
-    if samples.ndim != 4:
-        raise PixArtError(f"The latent has shape {tuple(samples.shape)}; PixArt takes image latents (batch, 4, h, w).")
-    if samples.shape[1] != 4:
-        raise PixArtError(f"The latent has {samples.shape[1]} channels (shape {tuple(samples.shape)}); PixArt uses the "
-                          "4-channel SD / SDXL VAE latent. Connect a latent made for SD/SDXL-family models (e.g. "
-                          "PixArt-δ Empty Latent), not one from an SD3/Flux/video model.")
-    if samples.shape[0] == 0:
-        raise PixArtError("The latent batch is empty (0 images); make it with a batch size of at least 1.")
+    samples = latent_tensor(latent)
     return samples.shape[-1] * 8, samples.shape[-2] * 8, samples.shape[0]
-
-
-def _out_of_memory_error(what: str, width: int, height: int, batch_size: int) -> PixArtError:
-    return PixArtError(
-        f"Out of memory while {what} at {width}x{height} px (batch {batch_size}). Lower the batch size or the size "
-        "(then upscale), load the transformer with precision fp16/bf16 or int8, or close other models; on the CPU, "
-        "free some RAM.")
 
 
 def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
                 latent: dict | None, control, step_cache: str = "off") -> dict:
-    """The one core call both sampler nodes make, with ComfyUI's progress, preview and Cancel hooked in.
-
-    Out of memory with a batch of several images: the images are sampled one at a time instead (image k of a batch
-    uses seed + k, so the result is the same); with one image it is a PixArtError saying what to lower."""
-    if conditioning.embeds.shape[-1] != model.config.caption_channels:
-        raise PixArtError(f"The conditioning has {conditioning.embeds.shape[-1]} channels but this model reads "
-                          f"{model.config.caption_channels}: encode the prompt with the T5 v1.1 XXL encoder.")
-    if latent is not None and "noise_mask" in latent:
-        log.warning("PixArt-δ samplers ignore the latent's noise mask (inpainting is not supported).")
-    cache_options = step_cache_options(step_cache)  # an unknown name fails here, before models are loaded
-    transformer = model.module
+    """The one core call both sampler nodes make (pipeline.sample_batch), with ComfyUI's model loading, progress,
+    preview, Cancel and memory release hooked in, and the LATENT's raw latents converted to the model's scale."""
     scale = model.config.latent_scale
-    init_latent = None
-    if latent is not None and denoise < 1.0:
-        init_latent = latent["samples"].float() * scale  # ComfyUI latents are raw VAE latents; the model's are scaled
-        if not torch.isfinite(init_latent).all():
-            raise PixArtError("The input latent contains NaN or Inf values (a sampler upstream diverged, or the image "
-                              "it was encoded from was broken). Make the latent again, or set denoise to 1 to use only "
-                              "its size.")
-    for c in control or ():
-        if c.image.shape[0] not in (1, batch_size):
-            raise PixArtError(f"The ControlNet image batch has {c.image.shape[0]} images but the sampler makes "
-                              f"{batch_size}; give one control image (used for every image) or one per image.")
-    bridge.load([model.managed] + managed_models(control))
-    progress = bridge.sampling_progress(model.config.family, transformer.device)
-
-    def generate(first: int, count: int) -> torch.Tensor:
-        """Images first .. first+count-1 of the batch (their seeds, start latents and control images)."""
-        controls = None
-        if control:
-            part = tuple(replace(c, image=c.image[first:first + count]) if c.image.shape[0] > 1 else c
-                         for c in control)
-            controls = bind_controls(part, transformer, width, height)
-        start = init_latent
-        if start is not None and start.shape[0] > 1:
-            start = start[first:first + count]
-        return generate_latents(
-            transformer, conditioning.embeds, conditioning.mask,
-            negative_embeds=conditioning.negative_embeds, negative_mask=conditioning.negative_mask,
-            width=width, height=height, sampler=sampler, steps=steps, guidance_scale=guidance,
-            seed=(seed + first) % (MAX_SEED + 1), batch_size=count, binning=False, init_latent=start, denoise=denoise,
-            controls=controls, callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-            interrupt=bridge.check_interrupted, step_cache=cache_options,
-        ).latents
-
-    try:
-        latents = generate(0, batch_size)
-    except Exception as exc:
-        if not bridge.is_out_of_memory(exc):
-            raise
-        bridge.free_cached_memory()
-        if batch_size == 1:
-            raise _out_of_memory_error("sampling", width, height, batch_size) from exc
-        log.warning("PixArt-δ: out of memory sampling %d images at %dx%d at once; sampling them one at a time "
-                    "(same images, less memory).", batch_size, width, height)
-        try:
-            latents = torch.cat([generate(k, 1) for k in range(batch_size)])
-        except Exception as exc2:
-            if not bridge.is_out_of_memory(exc2):
-                raise
-            bridge.free_cached_memory()
-            raise _out_of_memory_error("sampling one image at a time", width, height, 1) from exc2
-    out = dict(latent) if latent is not None else {}
-    out.pop("noise_mask", None)
-    out["samples"] = (latents / scale).to(bridge.intermediate_device(), torch.float32)
+    if latent is not None and "noise_mask" in latent:
+        log.warning("PixArt samplers ignore the latent's noise mask (inpainting is not supported).")
+    init = raw_to_scaled(latent_tensor(latent), scale) if latent is not None and denoise < 1.0 else None
+    cache = step_cache_options(OLD_STEP_CACHES.get(step_cache, step_cache))  # checked before models are loaded
+    bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
+    progress = bridge.sampling_progress(model.config.family, model.module.device)
+    latents = sample_batch(
+        model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
+        negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
+        init_latent=init, controls=[c.core() for c in control or ()], sampler=sampler, steps=steps,
+        guidance_scale=guidance, denoise=denoise, step_cache=cache, interrupt=bridge.check_interrupted,
+        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
+        free_memory=bridge.free_cached_memory)
+    out = {k: v for k, v in (latent or {}).items() if k != "noise_mask"}
+    out["samples"] = scaled_to_raw(latents, scale).to(bridge.intermediate_device())
     return out
 
 
@@ -141,6 +77,13 @@ class _SamplerNode:
         return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
 
     @classmethod
+    def VALIDATE_INPUTS(cls, step_cache="off"):
+        # Named here so that workflows saved with the old spellings (Δ-DiT, T-GATE) still load; they are migrated.
+        if step_cache in STEP_CACHES or step_cache in OLD_STEP_CACHES:
+            return True
+        return f"step_cache {step_cache!r} is not one of {', '.join(STEP_CACHES)}; pick one in the node."
+
+    @classmethod
     def optional_inputs(cls) -> dict:
         """ControlNet socket, then the step-cache widget: optional and last, so workflows saved before it keep their
         widget order and load with it off."""
@@ -153,30 +96,31 @@ class PixArtDeltaLCMSampler(_SamplerNode):
                    "distilled into the LCM weights, so the negative prompt is not used. Connect a latent to take "
                    "its size and batch (and, with denoise below 1, its content).")
     STEP_CACHE_TOOLTIP = (
-        "Step caching, off by default: made for the multi-step samplers (14-25 steps). With 4 LCM steps it measured "
-        "Δ-DiT 1.74x faster (0.64% latent change), T-GATE 1.23x (0.1%), both 1.89x, but Δ-DiT then reuses work "
-        "between steps far apart on the schedule, which may show on the trained model: compare with it off.")
+        "Step caching, off by default: made for the multi-step samplers (14-25 steps). With 4 LCM steps delta-dit "
+        "reuses work between steps far apart on the schedule, which may show: compare with it off. Measured speed "
+        "and image change: docs/benchmarks.md.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "A PixArt-δ LCM transformer (PixArt-LCM-XL-2-1024-MS)."}),
-                "conditioning": (CONDITIONING, {"tooltip": "The prompt from PixArt-δ T5 Text Encode."}),
+                "conditioning": (CONDITIONING, {"tooltip": "The prompt from PixArt T5 Text Encode."}),
                 "seed": _SEED,
                 "steps": ("INT", {"default": 4, "min": 1, "max": 50,
                                   "tooltip": "LCM steps: 4 is the official setting, 1-2 are rougher, 8 a little "
                                              "finer."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_SIZE, "step": 16,
                                   "tooltip": "Image width in pixels, a multiple of 16 (ignored when a latent is "
-                                             "connected). PixArt-δ Resolution gives the model's trained sizes."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                                             "connected). PixArt Resolution gives the model's trained sizes."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": MAX_SIZE, "step": 16,
                                    "tooltip": "Image height in pixels, a multiple of 16 (ignored when a latent is "
                                               "connected)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Images per run (ignored when a latent is connected)."}),
-                "denoise": cls.denoise_input("1 makes a new image; below 1 keeps that much of the connected latent's "
-                                             "picture (img2img)."),
+                "denoise": cls.denoise_input("How much of the picture is redrawn: 1 makes a new image (a connected "
+                                             "latent gives only its size); below 1 starts from the connected "
+                                             "latent, and the lower the value the more of it is kept (img2img)."),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: a latent whose size and batch to use; its content is "
@@ -189,7 +133,12 @@ class PixArtDeltaLCMSampler(_SamplerNode):
     def sample(self, model, conditioning, seed, steps, width, height, batch_size, denoise, latent=None, control=None,
                step_cache="off"):
         if latent is not None:
-            width, height, batch_size = _size_from_latent(latent)
+            size = _size_from_latent(latent)
+            if size != (width, height, batch_size):
+                log.warning("PixArt-δ LCM Sampler: the connected latent (%dx%d, batch %d) sets the size; the width, "
+                            "height and batch_size widgets (%dx%d, batch %d) are not used.", *size, width, height,
+                            batch_size)
+            width, height, batch_size = size
         return (run_sampler(model, conditioning, sampler="lcm", seed=seed, steps=steps, guidance=0.0, width=width,
                             height=height, batch_size=batch_size, denoise=denoise, latent=latent, control=control,
                             step_cache=step_cache),)
@@ -200,19 +149,18 @@ class PixArtDeltaSampler(_SamplerNode):
                    "SA-Solver (25 steps, CFG 3), Euler or DDIM. Denoise below 1 refines the connected latent "
                    "(img2img, hires-fix).")
     STEP_CACHE_TOOLTIP = (
-        "Step caching, off by default: reuses work of earlier steps, faster at a small change of the image. Δ-DiT "
-        "skips 3/4 of the blocks on every second step; T-GATE reuses cross-attention and drops CFG for the second "
-        "half of the steps. Bench (20 DPM-Solver++ steps, 512 px, full-size model): Δ-DiT 1.60x faster (3.6% "
-        "latent change), T-GATE 1.34x (0.27%), both 2.19x (3.6%). For 14-25 steps; with few steps little is left "
-        "to reuse.")
+        "Step caching, off by default: reuses work of earlier steps, faster at a small change of the image. "
+        "delta-dit skips most blocks on every second step; t-gate reuses cross-attention and drops CFG for the "
+        "second half of the steps; both does both. For 14-25 steps; with few steps little is left to reuse. Measured "
+        "speed and image change: docs/benchmarks.md.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL, {"tooltip": "A PixArt transformer from PixArt-δ Load Transformer."}),
-                "conditioning": (CONDITIONING, {"tooltip": "Prompt and negative prompt from PixArt-δ T5 Text Encode."}),
-                "latent": ("LATENT", {"tooltip": "Sets the size and batch (PixArt-δ Empty Latent or ComfyUI's); with "
+                "model": (MODEL, {"tooltip": "A PixArt transformer from PixArt Load Transformer."}),
+                "conditioning": (CONDITIONING, {"tooltip": "Prompt and negative prompt from PixArt T5 Text Encode."}),
+                "latent": ("LATENT", {"tooltip": "Sets the size and batch (PixArt Empty Latent or ComfyUI's); with "
                                                  "denoise below 1 also the starting image. Sides: multiples of 16 "
                                                  "px."}),
                 "seed": _SEED,
@@ -224,8 +172,9 @@ class PixArtDeltaSampler(_SamplerNode):
                 "sampler_name": (SAMPLERS, {"default": "dpmpp_2m",
                                             "tooltip": "dpmpp_2m: DPM-Solver++ 2M (default); sa_solver: stochastic "
                                                        "SA-Solver; euler; ddim."}),
-                "denoise": cls.denoise_input("1 makes a new image; below 1 keeps that much of the latent's picture "
-                                             "(0.6 for img2img, 0.3-0.5 to refine an upscale)."),
+                "denoise": cls.denoise_input("How much of the picture is redrawn: 1 makes a new image; below 1 starts "
+                                             "from the latent, and the lower the value the more of it is kept (0.6 "
+                                             "for img2img, 0.3-0.5 to refine an upscale)."),
             },
             "optional": cls.optional_inputs(),
         }

@@ -22,7 +22,7 @@ class PixArtDeltaT5Loader:
     CATEGORY = "PixArt-δ/loaders"
     RETURN_TYPES = (T5,)
     RETURN_NAMES = ("t5",)
-    OUTPUT_TOOLTIPS = ("The T5 encoder, for PixArt-δ T5 Text Encode.",)
+    OUTPUT_TOOLTIPS = ("The T5 encoder, for PixArt T5 Text Encode.",)
     FUNCTION = "load"
 
     @classmethod
@@ -46,12 +46,7 @@ class PixArtDeltaT5Loader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, t5_name):
-        if t5_name not in bridge.list_models(FOLDER):
-            try:
-                bridge.model_path(FOLDER, t5_name, "T5 encoder file")
-            except PixArtError as exc:
-                return str(exc)
-        return True
+        return bridge.validate_model_name(FOLDER, t5_name, "T5 encoder file")
 
     def load(self, t5_name: str, precision: str, device: str):
         if device not in DEVICES:
@@ -79,14 +74,14 @@ class PixArtDeltaT5TextEncode:
     CATEGORY = "PixArt-δ/conditioning"
     RETURN_TYPES = (CONDITIONING,)
     RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("Prompt and negative-prompt embeddings, for the PixArt-δ samplers.",)
+    OUTPUT_TOOLTIPS = ("Prompt and negative-prompt embeddings, for the PixArt samplers.",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "t5": (T5, {"tooltip": "The encoder from PixArt-δ Load T5 Encoder."}),
+                "t5": (T5, {"tooltip": "The encoder from PixArt Load T5 Encoder."}),
                 "prompt": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "What to draw. PixArt reads natural sentences well; long prompts are cut at the "

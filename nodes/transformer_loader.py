@@ -33,6 +33,14 @@ def _overrides(family: str, train_resolution: str, text_len: str) -> dict:
     return out
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
+        raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
+                          "choose int8 (same memory) or update torch to 2.1 or later.")
+
+
 def describe_detection(name: str, summary: dict, precision: str, dtype: torch.dtype) -> str:
     """What the loader found, in words a user can check against the model card."""
     yes_no = {True: "yes", False: "no"}
@@ -59,7 +67,7 @@ class PixArtDeltaTransformerLoader:
     CATEGORY = "PixArt-δ/loaders"
     RETURN_TYPES = (MODEL, "STRING")
     RETURN_NAMES = ("model", "info")
-    OUTPUT_TOOLTIPS = ("The transformer, for the PixArt-δ samplers, resolution and text-encode nodes.",
+    OUTPUT_TOOLTIPS = ("The transformer, for the PixArt samplers, resolution and text-encode nodes.",
                        "What was detected: family, size, text length, training resolution, and what was assumed.")
     FUNCTION = "load"
 
@@ -94,20 +102,10 @@ class PixArtDeltaTransformerLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name):
-        # Named here so ComfyUI's generic "value not in list" is replaced by a message saying where the file goes.
-        if model_name not in bridge.list_models_in(FOLDERS):
-            try:
-                bridge.model_path(FOLDERS, model_name, "Transformer file")
-            except PixArtError as exc:
-                return str(exc)
-        return True
+        return bridge.validate_model_name(FOLDERS, model_name, "Transformer file")
 
     def load(self, model_name: str, precision: str, family: str, train_resolution: str, text_len: str):
-        if precision not in PRECISIONS:
-            raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-        if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
-            raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
-                              "choose int8 (same memory) or update torch to 2.1 or later.")
+        _check_precision(precision)
         path = bridge.model_path(FOLDERS, model_name, "Transformer file")
         overrides = _overrides(family, train_resolution, text_len)
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()

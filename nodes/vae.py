@@ -6,23 +6,16 @@ raw latents in its scaled convention and back: they interoperate with ComfyUI's 
 
 from __future__ import annotations
 
-import logging
-from typing import Callable
-
 import torch
 
 from pixart_core.errors import PixArtError
-from pixart_core.vae import from_comfy_image, latent_samples, load_vae, to_comfy_image
+from pixart_core.vae import decode_fitting, encode_fitting, load_vae
 
 from . import comfy_bridge as bridge
 from . import model_cache
-from .sockets import VAE, Vae
-
-log = logging.getLogger("pixart_delta")
+from .sockets import VAE, Vae, image_from_core, image_to_core, latent_tensor
 
 FOLDER = "vae"
-FIRST_OOM_TILE = 512  # px: the first retry after an out-of-memory error with an automatic tile size
-MIN_OOM_TILE = 64  # px: below this, tiles cost more in overlap than they save
 KINDS = ["auto", "sd", "sdxl"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 MODES = ["auto", "exact", "fast"]
@@ -38,7 +31,7 @@ class PixArtDeltaVAELoader:
     CATEGORY = "PixArt-δ/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The VAE, for PixArt-δ VAE Decode / Encode (Tiled) and Apply ControlNet.",)
+    OUTPUT_TOOLTIPS = ("The VAE, for PixArt VAE Decode / Encode (Tiled) and Apply ControlNet.",)
     FUNCTION = "load"
 
     @classmethod
@@ -60,12 +53,7 @@ class PixArtDeltaVAELoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name):
-        if vae_name not in bridge.list_models(FOLDER):
-            try:
-                bridge.model_path(FOLDER, vae_name, "VAE file")
-            except PixArtError as exc:
-                return str(exc)
-        return True
+        return bridge.validate_model_name(FOLDER, vae_name, "VAE file")
 
     def load(self, vae_name: str, kind: str, precision: str):
         if kind not in KINDS:
@@ -99,7 +87,7 @@ class PixArtDeltaVAEDecodeTiled:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "samples": ("LATENT", {"tooltip": "The latent to decode (from a PixArt-δ sampler or any SD/SDXL "
+                "samples": ("LATENT", {"tooltip": "The latent to decode (from a PixArt sampler or any SD/SDXL "
                                                   "latent of the same VAE)."}),
                 "vae": (VAE, {"tooltip": "The VAE the latent belongs to (SD VAE for α/δ, SDXL VAE for Σ)."}),
                 "mode": (MODES, {"default": "auto",
@@ -114,37 +102,10 @@ class PixArtDeltaVAEDecodeTiled:
     @torch.no_grad()
     def decode(self, samples: dict, vae: Vae, mode: str, tile_size: int):
         bridge.load([vae.managed])
-        module = vae.module
-        raw = latent_samples(samples)
-        images = run_with_smaller_tiles(
-            "decoding", mode, tile_size,
-            lambda m, t: module.decode(raw * module.scaling_factor, mode=m, tile_size=t or None,
-                                       callback=bridge.tile_progress(), interrupt=bridge.check_interrupted))
-        return (to_comfy_image(images).to(bridge.intermediate_device()),)
-
-
-def run_with_smaller_tiles(what: str, mode: str, tile_size: int, run: Callable[[str, int], torch.Tensor]):
-    """run(mode, tile_size); out of memory, again in fast mode with ever smaller tiles (the result differs from exact
-    only by the fast mode's shared statistics), then a PixArtError saying what to do."""
-    tile = tile_size
-    while True:
-        try:
-            return run(mode, tile)
-        except Exception as exc:
-            if not bridge.is_out_of_memory(exc):
-                raise
-            bridge.free_cached_memory(collect=tile == tile_size)  # collect once, on the first retry
-            if not tile:
-                smaller = FIRST_OOM_TILE
-            else:  # halve (in steps of 64 px), never below the smallest useful tile nor above the user's own
-                smaller = min(tile, max(MIN_OOM_TILE, (tile // 2) // 64 * 64))
-            if mode == "fast" and tile and tile <= MIN_OOM_TILE:
-                raise PixArtError(f"Out of memory while {what} even with {tile} px tiles. Free memory (close other "
-                                  "models or programs), use a smaller image, or precision fp16/bf16 for the VAE."
-                                  ) from exc
-            log.warning("PixArt-δ VAE: out of memory while %s (mode %s, tile %s); retrying in fast mode with %d px "
-                        "tiles.", what, mode, tile or "auto", smaller)
-            mode, tile = "fast", smaller
+        images = decode_fitting(vae.module, vae.module.from_raw(latent_tensor(samples)), mode, tile_size or None,
+                                free_memory=bridge.free_cached_memory, callback=bridge.tile_progress(),
+                                interrupt=bridge.check_interrupted)
+        return (image_from_core(images).to(bridge.intermediate_device()),)
 
 
 class PixArtDeltaVAEEncodeTiled:
@@ -168,16 +129,8 @@ class PixArtDeltaVAEEncodeTiled:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, vae: Vae, tile_size: int):
-        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3, 4):
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise PixArtError(f"The pixels input is {shape}; expected a ComfyUI IMAGE (batch, height, width, 3) with "
-                              "1, 3 or 4 (RGBA) channels. Connect Load Image or another node's IMAGE output.")
-        if pixels.shape[-1] == 1:
-            pixels = pixels.repeat(1, 1, 1, 3)  # grey -> RGB
+        images = image_to_core(pixels, "pixels")
         bridge.load([vae.managed])
-        module = vae.module
-        latents = run_with_smaller_tiles(
-            "encoding", "auto", tile_size,
-            lambda m, t: module.encode(from_comfy_image(pixels), mode=m, tile_size=t or None,
-                                       callback=bridge.tile_progress(), interrupt=bridge.check_interrupted))
-        return ({"samples": (latents / module.scaling_factor).to(bridge.intermediate_device())},)
+        latents = encode_fitting(vae.module, images, tile_size or None, free_memory=bridge.free_cached_memory,
+                                 callback=bridge.tile_progress(), interrupt=bridge.check_interrupted)
+        return ({"samples": vae.module.to_raw(latents).to(bridge.intermediate_device())},)

@@ -31,7 +31,7 @@ from .checkpoint_formats import (
 )
 from .config import ALPHA, EPSILON, PREDICTION_TYPES, SIGMA, PixArtConfig, default_pe_interpolation
 from .errors import PixArtError
-from .quantize import return_freed_memory
+from .memory import return_freed_memory
 from .transformer import PixArtTransformer
 
 CONTROLNET_PREFIX = "controlnet."
@@ -214,9 +214,11 @@ def detect(shapes: dict[str, tuple], file_config: dict | None = None, overrides:
     if family not in (ALPHA, SIGMA):
         raise PixArtError(f"family must be 'alpha' or 'sigma', not {family!r}.")
 
-    text_len = overrides.pop("text_len", None) or (y_emb[0] if y_emb is not None else (120 if family == ALPHA else 300))
-    if y_emb is None and "text_len" not in assumed:
-        assumed.append(f"text_len={text_len} (from the family)")
+    text_len = overrides.pop("text_len", None)  # the user's own value is never reported as assumed
+    if text_len is None:
+        text_len = y_emb[0] if y_emb is not None else (120 if family == ALPHA else 300)
+        if y_emb is None:
+            assumed.append(f"text_len={text_len} (from the family)")
 
     # Training size: the stored pos_embed buffer says it; else config.json; else the family's usual size.
     sample_size = overrides.pop("sample_size", None)

@@ -23,6 +23,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def _build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
+    from .step_cache import MODES as STEP_CACHE_MODES
 
     parser = argparse.ArgumentParser(prog="python -m pixart_core", description="PixArt-α/Σ/δ without ComfyUI.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,7 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-binning", action="store_true", help="generate at exactly --width x --height")
     gen.add_argument("--init-image", help="start from this image (img2img)")
     gen.add_argument("--denoise", type=float, default=1.0, help="img2img strength, 0..1")
-    gen.add_argument("--cache", choices=["none", "delta-dit", "t-gate", "both"], default="none",
+    gen.add_argument("--cache", choices=list(STEP_CACHE_MODES), default="off",
                      help="step caching for multi-step samplers (faster, slightly different image): Δ-DiT reuses "
                           "block work on every second step, T-GATE freezes cross-attention and drops CFG for the "
                           "second half of the steps")

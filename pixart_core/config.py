@@ -6,7 +6,7 @@ The defaults are the released XL-2 model; tests shrink width, depth and heads.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 ALPHA = "alpha"
 SIGMA = "sigma"
@@ -68,11 +68,6 @@ class PixArtConfig:
     @property
     def learned_sigma(self) -> bool:
         return self.out_channels == 2 * self.in_channels
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["kv_compress_layers"] = list(self.kv_compress_layers)
-        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PixArtConfig":

@@ -453,15 +453,32 @@ def prepare_control_image(
     return (images * 2 - 1).contiguous()
 
 
+@dataclass
+class ControlInput:
+    """A ControlNet with its control image and schedule, before the image is encoded: what a caller hands to
+    pipeline.sample_batch. image: (1 or B, 3, H, W) in [0, 1] at any size (fitted to the generation size); vae: the
+    PixArtVAE that encodes it into the base model's latent space."""
+
+    controlnet: PixArtControlNet
+    vae: object
+    image: torch.Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def bind_controls(inputs: Sequence[ControlInput], base: PixArtTransformer, width: int, height: int,
+                  interrupt=None) -> list[ControlHint]:
+    """The control hints for one generation: each image fitted to the generation size, VAE-encoded into the model's
+    latent space (scaled, as the ControlNet was trained), bound to its ControlNet with its strength and start/end."""
+    hints = []
+    for c in inputs:
+        c.vae.check_latent_scale(base.config.latent_scale)
+        hint = c.vae.encode(prepare_control_image(c.image, height, width), input="signed", interrupt=interrupt)
+        hints.append(c.controlnet.bind(base, hint, c.strength, c.start, c.end))
+    return hints
+
+
 def controls_at_step(controls: Sequence[ControlHint] | None, step_index: int, total_steps: int) -> list[ControlHint]:
     """The controls to pass to the transformer at one sampling step."""
     return [c for c in (controls or []) if c.active(step_index, total_steps)]
-
-
-def step_of_timestep(timestep: float, timesteps: Sequence[float]) -> int:
-    """The index of the sampling step a model evaluation at `timestep` belongs to: every sampler here evaluates the
-    model once per step, at its entry of `timesteps`, so the nearest entry is that step."""
-    if len(timesteps) == 0:
-        raise PixArtError("No sampling timesteps to place the control schedule on.")
-    t = float(timestep)
-    return min(range(len(timesteps)), key=lambda i: abs(float(timesteps[i]) - t))

@@ -23,15 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import V_PREDICTION
-from .controlnet import step_of_timestep
-from .errors import PixArtError
-from .schedule import ddpm_schedule
+from .errors import Interrupted, PixArtError
+from .schedule import ddpm_schedule, step_of_timestep
 from .step_cache import StepCacheOptions, make_step_cache
 from .transformer import TextConditioning
-
-
-class Interrupted(Exception):
-    """Raised when the interrupt check asks to stop; sampling stops before the next model evaluation."""
 
 
 InterruptCheck = Callable[[], Optional[bool]]

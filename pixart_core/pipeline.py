@@ -21,20 +21,25 @@ StepCacheOptions) turns it on for one generation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import samplers
+from .controlnet import ControlInput, bind_controls
 from .errors import PixArtError
 from .guidance import GuidedEpsilon, InterruptCheck
+from .memory import FreeMemory, free_memory, is_out_of_memory
 from .resolution import SizePlan, plan_size, resize_and_crop
 from .schedule import ddpm_schedule
 from .step_cache import StepCacheOptions, step_cache_options
 
 MAX_SEED = 2**64
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------- seeds and noise
@@ -74,10 +79,11 @@ def _scheduler_class(root: Path) -> Optional[str]:
 
 
 def is_lcm_checkpoint(path: Optional[str | Path]) -> bool:
-    """True for PixArt-δ LCM weights: a diffusers pipeline whose scheduler is LCMScheduler, or "lcm" in the name.
+    """True for PixArt-δ LCM weights in a diffusers pipeline whose scheduler is LCMScheduler.
 
-    The LCM weights have the same shapes as PixArt-XL-2-1024-MS, so only the files around them can tell.
-    """
+    The LCM weights have the same shapes as PixArt-XL-2-1024-MS, so only the files around them can tell; as in
+    checkpoint detection, file names are never trusted (a single LCM file samples with the default sampler unless
+    sampler="lcm" is given)."""
     if path is None:
         return False
     p = Path(path)
@@ -85,7 +91,7 @@ def is_lcm_checkpoint(path: Optional[str | Path]) -> bool:
         scheduler = _scheduler_class(root)
         if scheduler:
             return scheduler == "LCMScheduler"
-    return "lcm" in p.name.lower() or (p.name == "transformer" and "lcm" in p.parent.name.lower())
+    return False
 
 
 def default_sampler(transformer) -> str:
@@ -177,6 +183,87 @@ def generate_latents(
     latents = samplers.sample(sampler, eps_fn, start_noise, ddpm_schedule(), timesteps, init_latent=init_latent,
                               noise_fn=noise_fn, callback=callback)
     return LatentResult(latents, plan, sampler, list(timesteps), guidance_scale, int(seed))
+
+
+# --------------------------------------------------------------------------------------------------- a batch that fits
+def sample_batch(
+    transformer,
+    embeds: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    *,
+    width: int,
+    height: int,
+    batch_size: int,
+    seed: int = 0,
+    init_latent: Optional[torch.Tensor] = None,
+    controls: Sequence[ControlInput] = (),
+    interrupt: Optional[InterruptCheck] = None,
+    free_memory: FreeMemory = free_memory,
+    **options,
+) -> torch.Tensor:
+    """generate_latents at exactly width x height (no binning) for `batch_size` images, with control images still to
+    encode, and a fallback when memory runs out: the images are sampled one at a time instead (image k of a batch uses
+    seed + k, so the result is the same); with one image it is a PixArtError saying what to lower.
+
+    init_latent: scaled latents (1 or batch_size images). controls: ControlInputs whose image batch is 1 or
+    batch_size. options: the rest of generate_latents' keywords (sampler, steps, guidance_scale, denoise, callback,
+    negative_embeds, negative_mask, step_cache). Returns the final scaled latents (B, 4, h, w)."""
+    _check_batch_inputs(transformer, embeds, init_latent, controls, batch_size)
+
+    def generate(first: int, count: int) -> torch.Tensor:
+        """Images first .. first+count-1 of the batch (their seeds, start latents and control images)."""
+        part = [_rows(c, first, count) for c in controls]
+        hints = bind_controls(part, transformer, width, height, interrupt) if part else None
+        start = init_latent if init_latent is None or init_latent.shape[0] == 1 else init_latent[first:first + count]
+        return generate_latents(transformer, embeds, mask, width=width, height=height, seed=seed + first,
+                                batch_size=count, binning=False, init_latent=start, controls=hints,
+                                interrupt=interrupt, **options).latents
+
+    try:
+        return generate(0, batch_size)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        free_memory(True)
+        if batch_size == 1:
+            raise _out_of_memory("sampling", width, height, batch_size) from exc
+        log.warning("PixArt: out of memory sampling %d images at %dx%d at once; sampling them one at a time "
+                    "(same images, less memory).", batch_size, width, height)
+    try:
+        return torch.cat([generate(k, 1) for k in range(batch_size)])
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        free_memory(True)
+        raise _out_of_memory("sampling one image at a time", width, height, 1) from exc
+
+
+def _rows(control: ControlInput, first: int, count: int) -> ControlInput:
+    if control.image.shape[0] == 1:
+        return control
+    return replace(control, image=control.image[first:first + count])
+
+
+def _check_batch_inputs(transformer, embeds, init_latent, controls, batch_size: int) -> None:
+    channels = transformer.config.caption_channels
+    if embeds.shape[-1] != channels:
+        raise PixArtError(f"The conditioning has {embeds.shape[-1]} channels but this model reads {channels}: encode "
+                          "the prompt with the T5 v1.1 XXL encoder.")
+    if init_latent is not None and not torch.isfinite(init_latent).all():
+        raise PixArtError("The input latent contains NaN or Inf values (a sampler upstream diverged, or the image it "
+                          "was encoded from was broken). Make the latent again, or set denoise to 1 to use only its "
+                          "size.")
+    for c in controls:
+        if c.image.shape[0] not in (1, batch_size):
+            raise PixArtError(f"The ControlNet image batch has {c.image.shape[0]} images but the sampler makes "
+                              f"{batch_size}; give one control image (used for every image) or one per image.")
+
+
+def _out_of_memory(what: str, width: int, height: int, batch_size: int) -> PixArtError:
+    return PixArtError(
+        f"Out of memory while {what} at {width}x{height} px (batch {batch_size}). Lower the batch size or the size "
+        "(then upscale), load the transformer with precision fp16/bf16 or int8, or close other models; on the CPU, "
+        "free some RAM.")
 
 
 # --------------------------------------------------------------------------------------------------- images

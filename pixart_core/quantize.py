@@ -13,14 +13,13 @@ Both take about half of the bf16 weight memory (bench/bench_memory.py measures i
 
 from __future__ import annotations
 
-import ctypes
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import PixArtError
+from .memory import return_freed_memory
 
 MODES = ("none", "int8", "fp8")
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
@@ -102,17 +101,6 @@ def quantize_transformer(model: nn.Module, mode: str, *, int8_threshold: float =
     model.quantization = mode
     return_freed_memory()
     return model
-
-
-def return_freed_memory() -> None:
-    """Give freed heap memory back to the OS. glibc keeps it mapped otherwise: after every layer's weights were
-    replaced, the process would still hold about the old model's size (measured: fp8 RSS 2.5 GB for 0.6 GB of
-    weights on the full-size model). No-op where the C library has no malloc_trim."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def weight_bytes(model: nn.Module) -> int:

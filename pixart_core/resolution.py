@@ -114,16 +114,6 @@ class SizePlan:
     def latent_shape(self) -> tuple[int, int]:
         return self.gen_height // 8, self.gen_width // 8
 
-    @property
-    def resolution(self) -> tuple[float, float]:
-        """Micro-condition `resolution` ([height, width] of the generated size)."""
-        return float(self.gen_height), float(self.gen_width)
-
-    @property
-    def aspect_ratio(self) -> float:
-        """Micro-condition `aspect_ratio` (height / width of the generated size, as diffusers)."""
-        return float(self.gen_height / self.gen_width)
-
 
 def plan_size(width: int, height: int, bin_size: int, binning: bool = True) -> SizePlan:
     """Decide the generation size for a request: the closest bin when binning, else the request itself. A model

@@ -62,11 +62,16 @@ def noisy_start(schedule: DiscreteSchedule, t: float, noise: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------------- LCM
-def lcm_boundary_scalings(t: float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[float, float]:
-    """Consistency-model boundary condition (c_skip, c_out); c_out ≈ 1 for every t the LCM tables use."""
+LCM_TIMESTEP_SCALING = 10.0
+LCM_SIGMA_DATA = 0.5
+
+
+def lcm_boundary_scalings(t, timestep_scaling: float = LCM_TIMESTEP_SCALING, sigma_data: float = LCM_SIGMA_DATA):
+    """Consistency-model boundary condition (c_skip, c_out) at timestep t (a float, or a tensor of timesteps, as the
+    distillation uses it); c_out ≈ 1 for every t the LCM tables use."""
     scaled = t * timestep_scaling
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / math.sqrt(scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
     return c_skip, c_out
 
 

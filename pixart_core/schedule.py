@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,17 @@ BETA_START = 1e-4
 BETA_END = 0.02
 LCM_ORIGINAL_STEPS = 50  # the DDIM skeleton the LCM was distilled on (1000 // 50 = 20 apart)
 LCM_TABLES = ("diffusers", "original")
+
+
+def linear_betas(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """β_t of the PixArt training schedule, t = 0..999 (the inference schedule builds on the float32 values as
+    diffusers does; the training recipes on float64)."""
+    return torch.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=dtype)
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """ε from a v-prediction (v = α_t·ε - σ_t·x0, VP terms, α_t = sqrt(ᾱ_t), σ_t = sqrt(1-ᾱ_t)): ε = α_t·v + σ_t·x_t."""
+    return alpha_t * v + sigma_t * x_t
 
 
 def alpha_sigma(sigma: float) -> tuple[float, float]:
@@ -69,12 +81,12 @@ class DiscreteSchedule:
         x, v: (B, C, H, W); t: (B,) timesteps. Computed in float32."""
         coeffs = torch.tensor([alpha_sigma(self.sigma(float(ti))) for ti in t.reshape(-1)], dtype=torch.float32)
         alpha, sigma_t = coeffs.to(v.device).view(-1, 2, 1, 1, 1).unbind(1)
-        return alpha * v.float() + sigma_t * x.float()
+        return eps_from_v(x.float(), v.float(), alpha, sigma_t)
 
 
 def ddpm_schedule() -> DiscreteSchedule:
     """The PixArt training schedule (linear betas 1e-4..0.02 over 1000 steps)."""
-    betas = torch.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
+    betas = linear_betas(torch.float32)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # float32 like diffusers; interpolated in float64
     return DiscreteSchedule(alphas_cumprod=alphas_cumprod.double(), sigmas=sigmas.double())
@@ -141,3 +153,12 @@ def img2img_start_index(steps: int, strength: float) -> int:
         raise PixArtError(f"denoise strength must be between 0 and 1; got {strength}.")
     run = min(int(steps * strength), steps)
     return max(steps - run, 0)
+
+
+def step_of_timestep(timestep: float, timesteps: Sequence[float]) -> int:
+    """The index of the sampling step a model evaluation at `timestep` belongs to: every sampler here evaluates the
+    model once per step, at its entry of `timesteps`, so the nearest entry is that step."""
+    if len(timesteps) == 0:
+        raise PixArtError("No sampling timesteps to place this step on.")
+    t = float(timestep)
+    return min(range(len(timesteps)), key=lambda i: abs(float(timesteps[i]) - t))

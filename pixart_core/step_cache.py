@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import PixArtError
+from .schedule import step_of_timestep
 
 
 @dataclass(frozen=True)
@@ -69,23 +70,19 @@ MODES: dict[str, StepCacheOptions | None] = {
     "t-gate": StepCacheOptions(tgate=True),
     "both": StepCacheOptions(delta_dit=True, tgate=True),
 }
-_ALIASES = {"none": "off", "δ-dit": "delta-dit", "deltadit": "delta-dit", "tgate": "t-gate"}
 
 
 def step_cache_options(mode: str | StepCacheOptions | None) -> StepCacheOptions | None:
-    """Options for a mode name ("off"/"none", "delta-dit"/"Δ-DiT", "t-gate"/"T-GATE", "both"); options given as
-    StepCacheOptions are checked and returned as they are (None too)."""
+    """Options for a mode name (a key of MODES: off, delta-dit, t-gate, both); options given as StepCacheOptions are
+    checked and returned as they are (None too)."""
     if mode is None:
         return None
     if isinstance(mode, StepCacheOptions):
         mode.check()  # a bad setting is reported where it enters, before any work
         return mode
-    key = str(mode).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in MODES:
-        raise PixArtError(f"Unknown step cache {mode!r}; choose one of: off, delta-dit (Δ-DiT), t-gate (T-GATE), "
-                          "both.")
-    return MODES[key]
+    if mode not in MODES:
+        raise PixArtError(f"Unknown step cache {mode!r}; choose one of: {', '.join(MODES)}.")
+    return MODES[mode]
 
 
 def make_step_cache(
@@ -117,8 +114,7 @@ class StepCache:
     # ----- schedule -----
     def step_index(self, t: float | torch.Tensor) -> int:
         """The sampling step a model timestep belongs to (the nearest listed timestep)."""
-        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-        return min(range(self.total), key=lambda i: abs(self.timesteps[i] - value))
+        return step_of_timestep(float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else t, self.timesteps)
 
     def guidance_needed(self, t: float | torch.Tensor) -> bool:
         """False once T-GATE has frozen cross-attention: run the conditional batch only, without guidance."""

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import PixArtError
+from .transformer import null_embedding_conditioning
 from .t5_loading import (
     FF_OUTPUT,
     PRECISIONS,
@@ -322,31 +323,6 @@ def _warn_truncation(tokenizer, texts: Sequence[str], max_length: int) -> None:
                 "Prompt %d is %d tokens long but the model reads %d: the last %d tokens were cut: '%s'",
                 i + 1, len(ids), max_length, cut, removed,
             )
-
-
-def null_embedding_conditioning(
-    y_embedding: torch.Tensor, prompt_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original α unconditional branch: the learned null caption, masked like the prompt.
-
-    y_embedding: (L, D) (the checkpoint's `y_embedder.y_embedding`, D = 4096), prompt_mask: (B, L).
-    Returns embeds (B, L, D) and a copy of the prompt mask.
-    """
-    if y_embedding.dim() == 3 and y_embedding.shape[0] == 1:
-        y_embedding = y_embedding[0]
-    if y_embedding.dim() != 2:
-        raise PixArtError(f"The null embedding must be (tokens, channels); got shape {tuple(y_embedding.shape)}.")
-    if prompt_mask.dim() != 2:
-        raise PixArtError(f"The prompt mask must be (batch, tokens); got shape {tuple(prompt_mask.shape)}.")
-    if y_embedding.shape[0] != prompt_mask.shape[1]:
-        raise PixArtError(
-            f"This checkpoint's null embedding has {y_embedding.shape[0]} tokens but the prompt was encoded with "
-            f"{prompt_mask.shape[1]}; encode the prompt with max_length {y_embedding.shape[0]}, or use the "
-            "'empty' unconditional mode."
-        )
-    batch = prompt_mask.shape[0]
-    embeds = y_embedding.to(prompt_mask.device)[None].expand(batch, -1, -1).contiguous()
-    return embeds, prompt_mask.clone()
 
 
 class PromptEmbeddings(NamedTuple):

@@ -7,8 +7,8 @@ model the VAE will serve, a diffusers config.json, or the file name, in that ord
 
 Latents in and out are *scaled* latents, the convention of PixArt's samplers (diffusers: vae.decode(x / scale)): decode
 divides by the scaling factor (z = latents / scale + shift), encode multiplies. ComfyUI's LATENT holds the raw
-VAE latent instead (ComfyUI scales inside its model wrapper): decode accepts the LATENT dict itself, and
-from_comfy_latent / to_comfy_latent convert. Images are (B, 3, H, W) float32 on the CPU, in
+VAE latent instead (ComfyUI scales inside its model wrapper): raw_to_scaled / scaled_to_raw (and the VAE's from_raw /
+to_raw) convert. Images are (B, 3, H, W) float32 on the CPU, in
 [0, 1] (output="image") or the network's own [-1, 1] range (output="signed", not clamped).
 
 Decoding modes (see vae_tiling.py for how they work):
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # imported where a VAE is built: importing diffusers' models 
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # would slow down and clutter start-up
 
 from .errors import PixArtError
+from .memory import FreeMemory, free_memory, is_out_of_memory
 from .vae_tiling import (
     Plan,
     ProgressCallback,
@@ -85,31 +86,23 @@ _LDM_PREFIXES = ("first_stage_model.", "vae.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Public helpers for ComfyUI types
+# Raw VAE latents <-> scaled latents
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def latent_samples(latent: Union[torch.Tensor, dict]) -> torch.Tensor:
-    """The tensor of a ComfyUI LATENT ({"samples": tensor}, raw VAE latents) or a plain tensor, unchanged."""
-    if isinstance(latent, dict):
-        if "samples" not in latent:
-            raise PixArtError("This LATENT has no 'samples' entry; connect the output of a sampler or VAE encode.")
-        latent = latent["samples"]
-    if not isinstance(latent, torch.Tensor):
-        raise PixArtError(f"Expected a latent tensor, got {type(latent).__name__}.")
-    return latent
+def raw_to_scaled(raw: torch.Tensor, scaling_factor: float, shift_factor: Optional[float] = None) -> torch.Tensor:
+    """Raw VAE latents (what the encoder's mean is, and what ComfyUI's LATENT holds) -> scaled latents, the
+    convention of the transformer and the samplers: (raw - shift) * scale, in float32."""
+    raw = raw.float()
+    if shift_factor is not None:
+        raw = raw - shift_factor
+    return raw * scaling_factor
 
 
-def to_comfy_image(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> ComfyUI IMAGE (B, H, W, 3)."""
-    return images.movedim(1, -1).contiguous()
-
-
-def from_comfy_image(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, H, W); drops an alpha channel."""
-    if image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise PixArtError(f"Expected a ComfyUI IMAGE of shape (B, H, W, 3), got {tuple(image.shape)}.")
-    return image[..., :3].movedim(-1, 1)
+def scaled_to_raw(latents: torch.Tensor, scaling_factor: float, shift_factor: Optional[float] = None) -> torch.Tensor:
+    """Scaled latents -> raw VAE latents: latents / scale + shift, in float32 (the inverse of raw_to_scaled)."""
+    raw = latents.float() / scaling_factor
+    return raw if shift_factor is None else raw + shift_factor
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -183,42 +176,29 @@ class PixArtVAE(nn.Module):
                 f"{latent_scale}: PixArt-α/δ need the SD VAE (0.18215), PixArt-Σ the SDXL VAE (0.13025). "
                 "Load the matching VAE or pass the right kind.")
 
-    # -- ComfyUI LATENT <-> our scaled latents ------------------------------------------------------------------------
+    # -- raw VAE latents <-> our scaled latents -----------------------------------------------------------------------
 
-    def from_comfy_latent(self, latent: dict) -> torch.Tensor:
-        """ComfyUI LATENT (raw VAE latents) -> scaled latents as our samplers and decode() use them."""
-        raw = latent_samples(latent).float()
-        if self.shift_factor is not None:
-            raw = raw - self.shift_factor
-        return raw * self.scaling_factor
+    def from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (ComfyUI's LATENT holds these) -> scaled latents as the samplers and decode() use them."""
+        return raw_to_scaled(raw, self.scaling_factor, self.shift_factor)
 
-    def to_comfy_latent(self, latents: torch.Tensor) -> dict:
-        """Scaled latents -> ComfyUI LATENT (raw VAE latents), what ComfyUI's own VAE Decode expects."""
-        raw = latents.float() / self.scaling_factor
-        if self.shift_factor is not None:
-            raw = raw + self.shift_factor
-        return {"samples": raw}
+    def to_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> raw VAE latents."""
+        return scaled_to_raw(latents, self.scaling_factor, self.shift_factor)
 
     # -- decode --------------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, latents: Union[torch.Tensor, dict], mode: str = "auto", tile_size: Optional[int] = None,
+    def decode(self, latents: torch.Tensor, mode: str = "auto", tile_size: Optional[int] = None,
                memory_budget: Optional[int] = None, callback: Optional[ProgressCallback] = None,
                interrupt: Optional[Callable[[], None]] = None, output: str = "image") -> torch.Tensor:
-        """Scaled latents (B, 4, h, w), or a ComfyUI LATENT dict (which holds raw latents: ComfyUI scales inside its
-        model wrapper, so the dict's samples are first brought to our scaled convention) -> images (B, 3, 8h, 8w)
-        float32 on the CPU.
+        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) float32 on the CPU (raw latents: decode(from_raw(raw))).
 
         mode: "auto" | "exact" | "fast" | "whole" (module docstring). tile_size: tile side in image pixels (multiple
         of 8); default picked from memory_budget (bytes; default half of the free RAM). callback(done, total) after
         every tile; interrupt() is called before every tile and may raise to cancel. output: "image" gives [0, 1],
         "signed" the raw network output (about [-1, 1], not clamped)."""
-        if isinstance(latents, dict):
-            latents = self.from_comfy_latent(latents)
-        z = self._check_latents(latent_samples(latents))
-        z = z.float() / self.scaling_factor
-        if self.shift_factor is not None:
-            z = z + self.shift_factor
+        z = self.to_raw(self._check_latents(latents))
         latent = (z.shape[2], z.shape[3])
         images = self._run(decoder_steps(self.model), z, latent, mode, tile_size, memory_budget, callback, interrupt,
                            whole=lambda t: self.model.decoder(self.model.post_quant_conv(t)
@@ -233,7 +213,7 @@ class PixArtVAE(nn.Module):
                interrupt: Optional[Callable[[], None]] = None, input: str = "image", sample: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] (input="image") or [-1, 1] (input="signed") -> scaled latents
-        (B, 4, H/8, W/8) float32 on the CPU; for a ComfyUI LATENT use vae.to_comfy_latent(vae.encode(...)).
+        (B, 4, H/8, W/8) float32 on the CPU (raw latents: to_raw(encode(...))).
 
         The latent is the posterior mean by default (deterministic, as ComfyUI's VAEEncode); sample=True draws from
         the posterior with `generator`, as PixArt's ControlNet pipeline does (latent_dist.sample()). Modes and tiling
@@ -254,9 +234,7 @@ class PixArtVAE(nn.Module):
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        if self.shift_factor is not None:
-            z = z - self.shift_factor
-        return z * self.scaling_factor
+        return self.from_raw(z)
 
     # -- shared machinery ----------------------------------------------------------------------------------------------
 
@@ -277,7 +255,7 @@ class PixArtVAE(nn.Module):
     def _check_images(self, images: torch.Tensor, input: str) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise PixArtError(f"Expected images of shape (B, 3, H, W), got {tuple(images.shape)} (ComfyUI IMAGEs are "
-                              "(B, H, W, 3): convert with from_comfy_image).")
+                              "(B, H, W, 3): move the channels first).")
         h, w = images.shape[2:]
         if h % self.stride or w % self.stride or h == 0 or w == 0:
             raise PixArtError(f"Image size {w}x{h} is not a multiple of {self.stride}; crop or resize it first.")
@@ -410,6 +388,51 @@ def _finish_image(images: torch.Tensor, output: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Out of memory: smaller tiles
+# ---------------------------------------------------------------------------------------------------------------------
+
+FIRST_OOM_TILE = 512  # px: the first retry after an out-of-memory error with an automatic tile size
+MIN_OOM_TILE = 64  # px: below this, tiles cost more in overlap than they save
+
+
+def decode_fitting(vae: PixArtVAE, latents: torch.Tensor, mode: str = "auto", tile_size: Optional[int] = None,
+                   free_memory: FreeMemory = free_memory, **kwargs) -> torch.Tensor:
+    """vae.decode, retried in fast mode with ever smaller tiles when memory runs out (see with_smaller_tiles)."""
+    return with_smaller_tiles("decoding", mode, tile_size, free_memory,
+                              lambda m, t: vae.decode(latents, mode=m, tile_size=t, **kwargs))
+
+
+def encode_fitting(vae: PixArtVAE, images: torch.Tensor, tile_size: Optional[int] = None,
+                   free_memory: FreeMemory = free_memory, **kwargs) -> torch.Tensor:
+    """vae.encode (mode auto), retried in fast mode with ever smaller tiles when memory runs out."""
+    return with_smaller_tiles("encoding", "auto", tile_size, free_memory,
+                              lambda m, t: vae.encode(images, mode=m, tile_size=t, **kwargs))
+
+
+def with_smaller_tiles(what: str, mode: str, tile_size: Optional[int], free_memory: FreeMemory,
+                       run: Callable[[str, Optional[int]], torch.Tensor]) -> torch.Tensor:
+    """run(mode, tile_size); out of memory, again in fast mode with ever smaller tiles (the result differs from exact
+    only by the fast mode's shared statistics), then a PixArtError saying what to do."""
+    tile = tile_size or None
+    while True:
+        try:
+            return run(mode, tile)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if mode == "fast" and tile and tile <= MIN_OOM_TILE:
+                raise PixArtError(f"Out of memory while {what} even with {tile} px tiles. Free memory (close other "
+                                  "models or programs), use a smaller image, or precision fp16/bf16 for the VAE."
+                                  ) from exc
+            free_memory(tile == (tile_size or None))  # collect garbage once, on the first retry
+            # halve (in steps of 64 px), never below the smallest useful tile nor above the user's own
+            smaller = min(tile, max(MIN_OOM_TILE, (tile // 2) // 64 * 64)) if tile else FIRST_OOM_TILE
+            log.warning("PixArt VAE: out of memory while %s (mode %s, tile %s); retrying in fast mode with %d px "
+                        "tiles.", what, mode, tile or "auto", smaller)
+            mode, tile = "fast", smaller
 
 
 def load_vae(path: str, kind: str = "auto", dtype: torch.dtype = torch.float32,

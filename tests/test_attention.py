@@ -11,7 +11,6 @@ from torch import nn
 
 from pixart_core import attention as kernels
 from pixart_core.checkpoint import load_transformer
-from pixart_core.compile import compile_transformer, uncompile_transformer
 from tests.factories import tiny_diffusers_transformer, write_all_layouts
 
 
@@ -128,28 +127,3 @@ def test_residual_stream_is_contiguous(tiny_pair):
     with torch.no_grad():
         ours(x, t, ours.prepare_text(y, mask), resolution=res, aspect_ratio=ar, block_hook=hook)
     assert layouts and all(layouts)
-
-
-def test_compile_falls_back_to_eager_when_the_compiler_fails(tiny_pair, monkeypatch):
-    ref, folder = tiny_pair
-    ours = load_transformer(folder)
-    x, t, y, mask, res, ar = _inputs()
-    text = ours.prepare_text(y, mask)
-    with torch.no_grad():
-        expected = ours(x, t, text, resolution=res, aspect_ratio=ar)
-
-    def broken_compile(fn, **kwargs):
-        def run(*a, **k):
-            raise RuntimeError("no C++ compiler")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    keys = set(ours.state_dict())
-    assert compile_transformer(ours)
-    with torch.no_grad():
-        got = ours(x, t, text, resolution=res, aspect_ratio=ar)
-    assert torch.equal(got, expected)
-    assert set(ours.state_dict()) == keys  # checkpoints saved from a compiled model keep their key names
-    assert all("forward" not in b.__dict__ for b in ours.blocks)  # back to eager for good
-    uncompile_transformer(ours)
-    assert not ours.compiled

@@ -213,6 +213,9 @@ def test_describe_reports_what_was_found_and_assumed(tmp_path):
     fixed = describe(lone_file, overrides={"family": "sigma", "sample_size": 64})
     assert fixed["resolution"] == 512 and fixed["pe_interpolation"] == 1.0
     assert not any(a.startswith(("family=", "sample_size=")) for a in fixed["assumed"])
+    assert any(a.startswith("text_len=") for a in fixed["assumed"])  # not in the file, not given
+    given = describe(lone_file, overrides={"family": "sigma", "sample_size": 64, "text_len": 300})
+    assert given["text_len"] == 300 and not any(a.startswith("text_len=") for a in given["assumed"])
     with pytest.raises(PixArtError, match="Unknown override"):
         describe(paths["original_pth"], overrides={"depht": 3})
 

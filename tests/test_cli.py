@@ -182,12 +182,12 @@ def test_cache_option_reaches_the_sampling_loop(tiny_pipeline, tmp_path, capsys,
     monkeypatch.setattr(pipeline, "generate_latents", spy)
     common = ["--model", str(tiny_pipeline), "--width", "256", "--height", "256", "--dtype", "fp32",
               "--t5-precision", "fp32", "--steps", "2", "--no-progress"]
-    for mode in ("both", "none"):
+    for mode in ("both", "off"):
         code = cli.main(["generate", "a cat", "-o", str(tmp_path / f"{mode}.png"), "--cache", mode, *common])
         assert code == 0, capsys.readouterr().err
-    assert seen == ["both", "none"]
+    assert seen == ["both", "off"]
     assert pipeline.step_cache_options("both") == StepCacheOptions(delta_dit=True, tgate=True)
-    assert pipeline.step_cache_options("none") is None
+    assert pipeline.step_cache_options("off") is None
     with pytest.raises(SystemExit):
         cli.main(["generate", "a cat", "--cache", "fast", *common])
     assert "invalid choice: 'fast'" in capsys.readouterr().err

@@ -20,9 +20,9 @@ from pixart_core.controlnet import (
     load_controlnet,
     prepare_control_image,
     resize_cover_crop,
-    step_of_timestep,
 )
 from pixart_core.errors import PixArtError
+from pixart_core.schedule import step_of_timestep
 from tests.factories import TINY_HEADS, TINY_WIDTH, original_state_dict, tiny_diffusers_transformer
 
 TOL = 1e-4
@@ -398,3 +398,11 @@ def test_prepare_control_image_covers_crops_and_normalises():
     assert resize_cover_crop(tall, 16, 32).shape == (1, 3, 16, 32) and prepare_control_image(tall, 16, 32).min() > -0.01
     with pytest.raises(PixArtError, match="multiples of 8"):
         prepare_control_image(img, 30, 32)
+
+
+def test_step_of_timestep_is_the_nearest_listed_timestep():
+    """The one timestep -> step index rule (ControlNet start/end and step caching both use it)."""
+    timesteps = [999.0, 749.0, 499.0, 249.0]
+    assert [step_of_timestep(t, timesteps) for t in (999, 760, 500.2, 0)] == [0, 1, 2, 3]
+    with pytest.raises(PixArtError, match="No sampling timesteps"):
+        step_of_timestep(5, [])

@@ -90,7 +90,9 @@ def run(prompt: dict):
 def test_every_node_follows_the_contract(name):
     cls = NODE_CLASS_MAPPINGS[name]
     assert name.startswith("PixArtDelta") and name not in TAKEN
-    assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith("PixArt-δ ")
+    delta_only = ("LCMSampler", "ControlNet", "HED")  # "PixArt-δ" only where δ is meant, "PixArt" elsewhere
+    prefix = "PixArt-δ " if any(part in name for part in delta_only) else "PixArt "
+    assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith(prefix)
     assert cls.CATEGORY.startswith("PixArt-δ/")
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
     assert callable(getattr(cls, cls.FUNCTION))
@@ -195,9 +197,15 @@ def test_resolution_node_gives_the_models_own_bins(env):
     executor, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
     model = executor.last_results["1"][0]
     select = NODE_CLASS_MAPPINGS["PixArtDeltaResolutionSelect"]()
-    assert select.select(model, "1.0") == (256, 256)
-    assert select.select(model, "0.57") == (336, 192)  # a quarter of the 1024 bin "0.57": [h 768, w 1344]
-    assert select.select(model, "3.62") == select.select(model, "4.0")  # a 2K-only ratio picks the closest bin
+    assert select.select(model, "1:1") == (256, 256)
+    assert select.select(model, "16:9") == (336, 192)  # a quarter of the 1024 bin "0.57": [h 768, w 1344]
+    assert select.select(model, "9:16") == (192, 336)
+    assert select.select(model, "1:4") == select.select(model, "4.0")  # the closest bin
+    # workflows saved before the W:H labels hold height / width decimals: they still pass validation and select
+    assert select.select(model, "1.0") == (256, 256) and select.select(model, "0.57") == (336, 192)
+    assert type(select).VALIDATE_INPUTS(aspect_ratio="0.57") is True
+    assert type(select).VALIDATE_INPUTS(aspect_ratio="16:9") is True
+    assert "pick one" in type(select).VALIDATE_INPUTS(aspect_ratio="wide")
 
 
 # ------------------------------------------------------------------------------------------------ Cancel, progress
@@ -279,11 +287,27 @@ def test_alpha_controlnet_on_a_sigma_model_is_refused_with_the_reason(env):
     assert "PixArt-α" in message and "PixArt-Σ" in message and "latent" in message
 
 
-def test_controlnet_runs_on_an_alpha_model_and_changes_the_image(env):
+def test_controlnet_runs_on_an_alpha_model_as_the_core_does(env):
+    """The node graph gives exactly what the core gives for the same control image bound by hand, and strength 0
+    gives exactly the uncontrolled image."""
+    from pixart_core.controlnet import prepare_control_image
+    from pixart_core.pipeline import generate_latents
+
     plain, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
     controlled, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True))
-    a, b = plain.last_results["4"][0]["samples"], controlled.last_results["4"][0]["samples"]
-    assert a.shape == b.shape and (a - b).abs().max() > 1e-4
+    model, cond = controlled.last_results["1"][0], controlled.last_results["3"][0]
+    control = controlled.last_results["11"][0][0]
+    image = prepare_control_image(control.image[..., :3].movedim(-1, 1), 64, 64)
+    hint = control.controlnet.module.bind(model.module, control.vae.module.encode(image, input="signed"))
+    expected = generate_latents(model.module, cond.embeds, cond.mask, negative_embeds=cond.negative_embeds,
+                                negative_mask=cond.negative_mask, width=64, height=64, sampler="dpmpp_2m", steps=2,
+                                guidance_scale=4.5, seed=1, binning=False, controls=[hint]).latents
+    got = controlled.last_results["4"][0]["samples"]
+    assert torch.equal(got, expected / model.config.latent_scale)
+    off = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m", control=True)
+    off["11"]["inputs"]["strength"] = 0.0
+    assert torch.equal(run(off)[0].last_results["4"][0]["samples"], plain.last_results["4"][0]["samples"])
+    assert not torch.equal(got, plain.last_results["4"][0]["samples"])
 
 
 def test_start_after_end_is_explained(env):
@@ -427,7 +451,7 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     from pixart_core.transformer import PixArtTransformer
 
     seen_options, batches = [], []
-    core, forward = sampling.generate_latents, PixArtTransformer.forward
+    core, forward = sampling.sample_batch, PixArtTransformer.forward
 
     def spy_core(*args, step_cache=None, **kwargs):
         seen_options.append(step_cache)
@@ -437,7 +461,7 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
         batches.append((x.shape[0], "cross_attn_hook" in kwargs, "block_hook" in kwargs))
         return forward(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate_latents", spy_core)
+    monkeypatch.setattr(sampling, "sample_batch", spy_core)
     monkeypatch.setattr(PixArtTransformer, "forward", spy_forward)
 
     def latent(cache, sampler="dpmpp_2m"):
@@ -450,15 +474,19 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
 
     plain = latent(None)
     assert seen_options[-1] is None and batches == [(2, False, False)] * 4
-    gated = latent("T-GATE")
+    gated = latent("t-gate")
     assert seen_options[-1] == StepCacheOptions(tgate=True)
     assert batches == [(2, True, False)] * 2 + [(1, True, False)] * 2  # CFG dropped after the gate (step 2 of 4)
     assert 0 < (gated - plain).norm() / plain.norm() < 0.05  # the bound of test_step_cache (measured 0.03%)
-    latent("Δ-DiT", sampler="lcm")
+    latent("delta-dit", sampler="lcm")
     assert seen_options[-1] == StepCacheOptions(delta_dit=True) and batches == [(1, False, True)] * 4
+    assert latent("T-GATE").equal(gated)  # the spelling workflows saved before one ASCII spelling: migrated
+    latent("Δ-DiT", sampler="lcm")
+    assert seen_options[-1] == StepCacheOptions(delta_dit=True)
     with pytest.raises(harness.PromptRejected) as err:
         latent("faster")
-    assert [e["type"] for e in err.value.node_errors["4"]["errors"]] == ["value_not_in_list"]
+    assert [e["type"] for e in err.value.node_errors["4"]["errors"]] == ["custom_validation_failed"]
+    assert "delta-dit" in err.value.messages()[0]
 
 
 def test_loader_fp8_precision(env, monkeypatch):

@@ -318,8 +318,12 @@ def test_lcm_checkpoint_detection(tmp_path):
     assert pl.is_lcm_checkpoint(tmp_path / "lcm_pipe")
     assert pl.is_lcm_checkpoint(tmp_path / "lcm_pipe" / "transformer")
     assert not pl.is_lcm_checkpoint(tmp_path / "alpha_pipe" / "transformer")
-    assert pl.is_lcm_checkpoint(tmp_path / "PixArt-LCM-XL-2-1024-MS.safetensors")
-    assert not pl.is_lcm_checkpoint(tmp_path / "PixArt-XL-2-1024-MS.pth")
+    # file names are never trusted: a lone file, whatever it is called, samples with the default sampler
+    lone = tmp_path / "files" / "PixArt-LCM-XL-2-1024-MS.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes(b"")
+    assert not pl.is_lcm_checkpoint(lone)
+    assert not pl.is_lcm_checkpoint(tmp_path / "files" / "PixArt-XL-2-1024-MS.pth")
 
 
 # ------------------------------------------------------------------------------------------------ step caching
@@ -341,3 +345,45 @@ def test_pipeline_passes_step_cache_through(models):
     assert 0 < ((cached - plain).norm() / plain.norm()).item() < 0.05
     with pytest.raises(PixArtError, match="Unknown step cache 'fast'"):
         run("fast")
+
+
+def test_sample_batch_runs_one_image_at_a_time_after_out_of_memory(models):
+    """sample_batch's fallback: the same images (image k uses seed + k), each with its own row of the start latent,
+    and the user error when even one image does not fit."""
+    ours = models["alpha"][1]
+    embeds, mask, neg, neg_mask = embeddings(1)
+    init = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(negative_embeds=neg, negative_mask=neg_mask, width=64, height=64, batch_size=3, seed=11,
+                  init_latent=init, sampler="dpmpp_2m", steps=2, guidance_scale=4.5, denoise=0.7)
+    whole = pl.sample_batch(ours, embeds, mask, **kwargs)
+    separate = torch.cat([pl.sample_batch(ours, embeds, mask, **{**kwargs, "batch_size": 1, "seed": 11 + k,
+                                                                  "init_latent": init[k:k + 1]}) for k in range(3)])
+    forward, batches, freed = ours.forward, [], []
+
+    def forward_fitting_one_image(x, *args, **kw):
+        batches.append(x.shape[0])
+        if x.shape[0] > 2:  # more than one image's CFG pair
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return forward(x, *args, **kw)
+
+    ours.forward = forward_fitting_one_image
+    try:
+        split = pl.sample_batch(ours, embeds, mask, free_memory=freed.append, **kwargs)
+        assert batches[0] == 6 and set(batches[1:]) == {2} and freed == [True]
+        assert torch.allclose(split, separate, atol=1e-5) and torch.allclose(split, whole, atol=1e-4)
+        with pytest.raises(PixArtError, match="Out of memory while sampling one image at a time"):
+            batches.clear()
+            ours.forward = lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory"))
+            pl.sample_batch(ours, embeds, mask, free_memory=freed.append, **kwargs)
+    finally:
+        ours.forward = forward
+
+
+def test_sample_batch_checks_its_inputs(models):
+    ours = models["alpha"][1]
+    embeds, mask, _, _ = embeddings(1)
+    with pytest.raises(PixArtError, match="NaN"):
+        pl.sample_batch(ours, embeds, mask, width=64, height=64, batch_size=1, sampler="lcm", steps=1,
+                        init_latent=torch.full((1, 4, 8, 8), float("nan")), denoise=0.5)
+    with pytest.raises(PixArtError, match="channels but this model reads"):
+        pl.sample_batch(ours, embeds[..., :8], mask, width=64, height=64, batch_size=1, sampler="lcm", steps=1)

@@ -270,9 +270,14 @@ def test_images_with_alpha_or_one_channel(env, parts, channels):
     edges = node("PixArtDeltaHEDPreprocessor").detect(image, FILES["hed"])[0]
     assert edges.shape == (1, 32, 32, 3) and torch.isfinite(edges).all()
     control = node("PixArtDeltaControlNetApply").apply(parts["controlnet"], parts["sd_vae"], image, 1.0, 0.0, 1.0)[0]
-    out = node("PixArtDeltaSampler").sample(parts["alpha"], parts["cond"], {"samples": torch.zeros(1, 4, 4, 4)}, 1,
-                                            1, 4.5, "euler", 1.0, control=control)[0]
-    assert torch.isfinite(out["samples"]).all()
+    sampler, latent = node("PixArtDeltaSampler"), {"samples": torch.zeros(1, 4, 4, 4)}
+    out = sampler.sample(parts["alpha"], parts["cond"], latent, 1, 1, 4.5, "euler", 1.0, control=control)[0]
+    rgb_control = node("PixArtDeltaControlNetApply").apply(parts["controlnet"], parts["sd_vae"], as_rgb.contiguous(),
+                                                           1.0, 0.0, 1.0)[0]
+    expected = sampler.sample(parts["alpha"], parts["cond"], latent, 1, 1, 4.5, "euler", 1.0, control=rgb_control)[0]
+    assert torch.equal(out["samples"], expected["samples"])  # the control image's alpha (or grey) changes nothing
+    plain = sampler.sample(parts["alpha"], parts["cond"], latent, 1, 1, 4.5, "euler", 1.0)[0]
+    assert not torch.equal(out["samples"], plain["samples"])
 
 
 @pytest.mark.parametrize("channels", [2, 5])
@@ -439,10 +444,12 @@ def test_model_caches_are_bounded(env):
     assert len(model_cache.TRANSFORMERS) <= model_cache.TRANSFORMERS.capacity
 
 
-def test_caches_release_their_models_when_comfyui_asks_for_memory(env):
-    """What ComfyUI's /free (unload_all_models) triggers: models nobody holds are freed; a model a workflow still
-    holds is reused afterwards, never loaded twice."""
+def test_inside_comfyui_the_caches_keep_nothing_alive_but_never_load_a_held_model_twice(env, monkeypatch):
+    """Inside ComfyUI the caches hold weak references only (capacity 0): a model no workflow output holds is freed,
+    one that is still held is handed out again rather than loaded a second time."""
     model_cache.clear_all()
+    for cache in (model_cache.VAES, model_cache.TRANSFORMERS, model_cache.TEXT_ENCODERS):
+        monkeypatch.setattr(cache, "capacity", 0)
     loader = node("PixArtDeltaVAELoader")
     held = loader.load(FILES["sd_vae"], "auto", "auto")[0]  # e.g. in ComfyUI's output cache
     dropped = weakref.ref(loader.load(FILES["sdxl_vae"], "auto", "auto")[0])
@@ -450,7 +457,6 @@ def test_caches_release_their_models_when_comfyui_asks_for_memory(env):
                                                                          "auto")[0])
     t5 = weakref.ref(node("PixArtDeltaT5Loader").load(FILES["t5"], "fp32", "auto")[0])
     loads = model_cache.VAES.loads
-    bridge.release_memory()
     gc.collect()
     assert dropped() is None and transformer() is None and t5() is None
     assert len(model_cache.VAES) == len(model_cache.TRANSFORMERS) == len(model_cache.TEXT_ENCODERS) == 0

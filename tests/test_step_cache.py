@@ -239,7 +239,7 @@ def pipeline_uncached(model):
 
 
 def test_pipeline_with_caching_off_is_the_uncached_run_bit_for_bit(model, pipeline_uncached):
-    for off in ("off", "none", None, StepCacheOptions()):
+    for off in ("off", None, StepCacheOptions()):
         calls = ModelCalls(model)
         assert torch.equal(pipeline_latents(model, off, calls=calls), pipeline_uncached), off
         assert calls.batches == [2] * STEPS and calls.hooked == [[]] * STEPS  # the model gets exactly the old call

@@ -22,8 +22,8 @@ from pixart_core.text_encoder import (
     clear_cache,
     encode_prompts,
     load_t5,
-    null_embedding_conditioning,
 )
+from pixart_core.transformer import null_embedding_conditioning
 from tests.conftest import T5_TOKENIZER
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

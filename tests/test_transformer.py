@@ -97,18 +97,23 @@ def test_text_batch_of_one_broadcasts(tmp_path):
 
 
 def test_learned_sigma_output_is_returned_whole(tmp_path):
-    _, ours, _ = _pair(tmp_path, family="sigma", sample_size=64, interpolation_scale=1.0)
+    ref, ours, _ = _pair(tmp_path, family="sigma", sample_size=64, interpolation_scale=1.0)
     x, t, y, mask = _inputs()
     with torch.no_grad():
         out = ours(x, t, ours.prepare_text(y, mask))
-    assert out.shape[1] == 8 and ours.config.learned_sigma
+    expected = _reference(ref, x, t, y, mask)  # diffusers' PixArtTransformer2DModel on the same weights: 8 channels
+    assert ours.config.learned_sigma and out.shape == expected.shape == (2, 8, 8, 8)
+    assert (out - expected).abs().max() <= TOL  # the variance channels too, not only epsilon
 
 
 def test_null_embedding_from_original_checkpoint(tmp_path):
     _, _, paths = _pair(tmp_path, family="alpha", sample_size=64)
     model = load_transformer(paths["original_pth"])
     emb, mask = model.null_text(2)
-    assert emb.shape == (2, 120, 64) and emb.abs().sum() > 0
+    stored = torch.load(paths["original_pth"], map_location="cpu", weights_only=True)
+    stored = stored.get("state_dict", stored)["y_embedder.y_embedding"]  # the file's learned null caption (120, 64)
+    assert emb.shape == (2, 120, 64) and torch.equal(emb, stored.expand(2, -1, -1))
+    assert torch.equal(mask, torch.ones(2, 120, dtype=torch.long))
     with pytest.raises(PixArtError, match="null caption"):
         load_transformer(paths["diffusers_folder"]).null_text(1)
 

@@ -13,7 +13,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from pixart_core.errors import PixArtError
-from pixart_core.vae import SD_VAE_CONFIG, PixArtVAE, load_vae, to_comfy_image
+from pixart_core.vae import (SD_VAE_CONFIG, PixArtVAE, decode_fitting, encode_fitting, load_vae, raw_to_scaled,
+                             scaled_to_raw)
 from tests.factories import to_ldm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,17 +195,57 @@ def test_alpha_and_sigma_latents_decode_with_their_scale_and_shift(tmp_path):
         sigma.check_latent_scale(0.18215)
 
 
-def test_comfy_latent_holds_raw_latents_and_images_convert():
+def test_raw_and_scaled_latents_convert_both_ways():
     vae = PixArtVAE(tiny_model(), "sdxl", 0.13025)
     z = smooth_latents(8, 8)
-    comfy = vae.to_comfy_latent(z)
-    assert torch.allclose(comfy["samples"], z / 0.13025)
+    raw = vae.to_raw(z)
+    assert torch.equal(raw, z.float() / 0.13025) and torch.equal(raw, scaled_to_raw(z, 0.13025))
+    assert torch.allclose(vae.from_raw(raw), z) and torch.allclose(raw_to_scaled(raw, 0.13025), z)
+    assert torch.allclose(raw_to_scaled(raw, 0.13025, 0.25), (raw - 0.25) * 0.13025)
+    assert torch.allclose(scaled_to_raw(z, 0.13025, 0.25), z / 0.13025 + 0.25)
     decoded = vae.decode(z, mode="whole")
-    assert torch.equal(vae.decode(comfy, mode="whole"), decoded)
     assert decoded.min() >= 0 and decoded.max() <= 1
     signed = vae.decode(z, mode="whole", output="signed")
     assert torch.allclose(decoded, (signed * 0.5 + 0.5).clamp(0, 1))
-    assert to_comfy_image(decoded).shape == (1, 64, 64, 3)
+
+
+class _OutOfMemoryUntil:
+    """A decode/encode stand-in that runs out of memory until the tile is at most `fits` px (None: never fits)."""
+
+    def __init__(self, run, fits):
+        self.run, self.fits, self.calls = run, fits, []
+
+    def __call__(self, x, mode="auto", tile_size=None, **kwargs):
+        self.calls.append((mode, tile_size))
+        if self.fits is None or mode != "fast" or tile_size is None or tile_size > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.run(x, mode=mode, tile_size=tile_size, **kwargs)
+
+
+def test_decode_fitting_halves_the_tile_after_out_of_memory():
+    vae = PixArtVAE(tiny_model(), "sd", 0.18215)
+    z = smooth_latents(8, 8)
+    vae.decode = _OutOfMemoryUntil(vae.decode, fits=128)
+    freed = []
+    out = decode_fitting(vae, z, "auto", None, free_memory=freed.append)
+    assert vae.decode.calls == [("auto", None), ("fast", 512), ("fast", 256), ("fast", 128)]
+    assert freed == [True, False, False]  # garbage collected once, on the first retry
+    assert torch.equal(out, PixArtVAE.decode(vae, z, mode="fast", tile_size=128))
+
+
+def test_fitting_stops_with_a_user_error_at_the_smallest_tile_and_leaves_other_errors_alone():
+    vae = PixArtVAE(tiny_model(), "sd", 0.18215)
+    vae.encode = _OutOfMemoryUntil(vae.encode, fits=None)
+    with pytest.raises(PixArtError, match="even with 64 px tiles"):
+        encode_fitting(vae, torch.rand(1, 3, 64, 64), 256, free_memory=lambda collect: None)
+    assert vae.encode.calls == [("auto", 256), ("fast", 128), ("fast", 64)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("expected scalar type Float but found Half")
+
+    vae.decode = broken
+    with pytest.raises(RuntimeError, match="scalar type"):
+        decode_fitting(vae, smooth_latents(8, 8), free_memory=lambda collect: None)
 
 
 def test_progress_callback_and_interrupt(one_thread):

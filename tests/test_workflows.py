@@ -4,8 +4,8 @@ dependency order, tests/comfy_harness.py) on tiny models written under the offic
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,9 +101,11 @@ def test_ui_file_converts_to_its_api_twin(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_on_tiny_models(env, name):
-    if "int8" in name and importlib.util.find_spec("pixart_core.quantize") is None:
-        pytest.skip("the 8-bit transformer needs pixart_core.quantize.load_transformer_int8 (not in the core yet)")
-    prompt = shrink(load(WORKFLOWS / "api" / f"{name}.json"))
+    assert run_and_measure(shrink(load(WORKFLOWS / "api" / f"{name}.json")), name) == EXPECTED[name]
+
+
+def run_and_measure(prompt: dict, name: str) -> dict:
+    """Run an API prompt; {node type: (width, height) of its first image}, after checking no image is flat."""
     outputs = harness.Executor(CLASSES).run(prompt)
     sizes: dict[str, list] = {}
     for node_id, ui in outputs.items():
@@ -114,7 +116,29 @@ def test_api_workflow_runs_on_tiny_models(env, name):
                 sizes.setdefault(kind, []).append(img.size)
                 pixels = torch.tensor(list(img.getdata()), dtype=torch.float32)
                 assert pixels.std() > 0, f"{name}: {kind} wrote a flat image"
-    assert {k: v[0] for k, v in sizes.items()} == EXPECTED[name]
+    return {k: v[0] for k, v in sizes.items()}
+
+
+# ------------------------------------------------------------------------------------------------ saved before issue #20
+OLD_COMMIT = "3d3ec73"  # the workflows as users saved them before display names, step-cache spelling and W:H labels
+OLD_NAMES = sorted(set(NAMES) - {"pixart_nano_lcm"})  # nano came after that commit
+
+
+def old_file(rel: str) -> dict:
+    try:
+        done = subprocess.run(["git", "show", f"{OLD_COMMIT}:{rel}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"git history with {OLD_COMMIT} is not available here")
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("name", OLD_NAMES)
+def test_workflows_saved_before_issue_20_still_load_and_run(env, name):
+    ui, api = old_file(f"workflows/{name}.json"), old_file(f"workflows/api/{name}.json")
+    converted = ui_to_api(ui, CLASSES, DISPLAY)  # the widget values still line up with today's widgets
+    assert {k: v["inputs"] for k, v in converted.items()} == {k: v["inputs"] for k, v in api.items()}
+    assert run_and_measure(shrink(api), name) == EXPECTED[name]
 
 
 # ------------------------------------------------------------------------------------------------ the frontend's rules

@@ -289,7 +289,7 @@ def lcm_text_to_image() -> Workflow:
 def alpha_dpm() -> Workflow:
     wf = Workflow("pixart_alpha_1024_dpmpp", "PixArt-α 1024-MS, DPM-Solver++ 20 steps, CFG 4.5")
     model, cond = _text_to_latent_parts(wf, ALPHA_1024)
-    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1.0")
+    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1:1")
     empty = wf.add("PixArtDeltaEmptyLatent", width=size[0], height=size[1], batch_size=1)
     latent = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
                     latent=empty[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)
@@ -302,7 +302,7 @@ def alpha_dpm() -> Workflow:
 def sigma_2k_to_4k() -> Workflow:
     wf = Workflow("pixart_sigma_2k_to_4k", "PixArt-Σ 2K, latent upscale, refine, tiled decode at 4K")
     model, cond = _text_to_latent_parts(wf, SIGMA_2K)
-    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1.0")
+    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1:1")
     empty = wf.add("PixArtDeltaEmptyLatent", width=size[0], height=size[1], batch_size=1)
     first = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
                    latent=empty[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)
@@ -338,7 +338,7 @@ def controlnet_hed_lcm() -> Workflow:
 def low_memory() -> Workflow:
     wf = Workflow("pixart_sigma_low_memory_int8", "Low memory: 8-bit T5 and 8-bit transformer (PixArt-Σ 1024)")
     model, cond = _text_to_latent_parts(wf, SIGMA_1024, t5_precision="int8", precision="int8")
-    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1.0")
+    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1:1")
     empty = wf.add("PixArtDeltaEmptyLatent", width=size[0], height=size[1], batch_size=1)
     latent = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
                     latent=empty[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)

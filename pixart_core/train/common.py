@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..config import ALPHA, PixArtConfig
-from ..schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
-from ..transformer import PixArtTransformer
+from ..schedule import eps_from_v, linear_betas
+from ..transformer import PixArtTransformer, null_embedding_conditioning
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -23,7 +23,7 @@ class TrainSchedule:
     """ᾱ_t, β_t and the IDDPM posterior terms as float32 tensors indexed by integer timestep."""
 
     def __init__(self) -> None:
-        betas = torch.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+        betas = linear_betas(torch.float64)
         ab = torch.cumprod(1 - betas, 0)
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         post_var = betas * (1 - ab_prev) / (1 - ab)
@@ -47,7 +47,7 @@ class TrainSchedule:
 
     def eps_from_v(self, xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self.at(self.alphas_cumprod, t)
-        return ab.sqrt() * v + (1 - ab).sqrt() * xt
+        return eps_from_v(xt, v, ab.sqrt(), (1 - ab).sqrt())
 
     def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self.at(self.alphas_cumprod, t)
@@ -125,8 +125,7 @@ def drop_captions(text: TextBatch, null_embedding: torch.Tensor, prob: float, ge
 
 def null_text(null_embedding: torch.Tensor, mask: torch.Tensor) -> TextBatch:
     """The learned null caption for a batch, masked like the prompts (the LCM teacher's unconditional input)."""
-    b, length = mask.shape
-    return TextBatch(null_embedding[:length][None].expand(b, -1, -1), mask)
+    return TextBatch(*null_embedding_conditioning(null_embedding[:mask.shape[1]], mask))
 
 
 # --------------------------------------------------------------------------------------------------- latents

@@ -27,13 +27,12 @@ import torch
 from torch import nn
 
 from ..config import V_PREDICTION
+from ..samplers import lcm_boundary_scalings
 from ..transformer import PixArtTransformer
 from .common import EMA, LatentPool, TrainSchedule, encode_text, null_text, warmup_lr
 from .pretrain import VPredictionAsEpsilon
 
 NUM_DDIM_TIMESTEPS = 50
-TIMESTEP_SCALING = 10.0
-SIGMA_DATA = 0.5
 
 
 @dataclass
@@ -57,9 +56,7 @@ class LCMResult:
 
 
 def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scaled = t.float() * TIMESTEP_SCALING
-    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    c_skip, c_out = lcm_boundary_scalings(t.float())
     return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
 
