@@ -68,7 +68,7 @@ class _SamplerNode:
     CATEGORY = "PixArt-δ/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt-δ VAE Decode or ComfyUI's VAE Decode.",)
+    OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt VAE Decode (Tiled) or ComfyUI's VAE Decode.",)
     FUNCTION = "sample"
     STEP_CACHE_TOOLTIP = ""
 

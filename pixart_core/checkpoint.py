@@ -41,9 +41,9 @@ _FOREIGN_SIGNATURES = [
     (("input_blocks.", "model.diffusion_model.input_blocks.", "down_blocks.0.resnets."),
      "a Stable Diffusion UNet", "Load it with ComfyUI's own checkpoint loader; this loader takes PixArt transformers."),
     (("encoder.down.", "decoder.up.", "first_stage_model.", "encoder.down_blocks.", "decoder.up_blocks."),
-     "a VAE", "Load it with the PixArt-δ VAE loader (models/vae)."),
+     "a VAE", "Load it with the PixArt Load VAE node (models/vae)."),
     (("encoder.block.", "shared.weight"), "a T5 text encoder",
-     "Load it with the PixArt-δ T5 loader (models/text_encoders)."),
+     "Load it with the PixArt Load T5 Encoder node (models/text_encoders)."),
     (("double_blocks.", "joint_blocks."), "a Flux/SD3 model", "This loader takes PixArt α/Σ/δ transformers only."),
 ]
 

@@ -237,7 +237,7 @@ def test_vae_is_refused(tmp_path):
     sd = {f"encoder.down.{i}.block.0.conv1.weight": torch.zeros(2) for i in range(4)}
     sd.update({f"decoder.up.{i}.block.0.conv1.weight": torch.zeros(2) for i in range(4)})
     save_file(sd, tmp_path / "vae.safetensors")
-    with pytest.raises(PixArtError, match="VAE loader"):
+    with pytest.raises(PixArtError, match="PixArt Load VAE node"):
         load_transformer(tmp_path / "vae.safetensors")
 
 
