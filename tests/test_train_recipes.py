@@ -257,3 +257,103 @@ def test_export_layouts_load_back_through_the_loaders(pretrained, tokenizer, tmp
         direct = t5(ids.input_ids)[0]
     n = int(mask.sum())
     assert n == ids.input_ids.shape[1] and (embeds[0, :n] - direct[0]).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------- text encoder
+def test_phrasings_of_a_scene_share_one_canonical_description():
+    from pixart_core.train.text_pretrain import word_place_tags
+
+    rng = np.random.default_rng(0)
+    pairs = [data.random_pair(rng) for _ in range(30)]
+    singles = [data.random_single(rng) for _ in range(30)]
+    upper_first = []
+    for s in pairs + singles:
+        options = data.phrasings(s)
+        assert options[0] == data.caption_of(s) and len(set(options)) == len(options)
+        assert len(options) == (8 if s.relation else 4 if s.position else 2)
+        want = data.canonical_description(s)
+        for caption in options:
+            parsed = caption_checker.parse_caption(caption)  # the checker reads every phrasing
+            assert data.canonical_description(parsed) == want, caption
+            if s.relation in ("above", "below"):
+                first = min(s.objects, key=lambda o: caption.split().index(o.colour))
+                upper_first.append(want.split()[1:].index(first.colour) < 2)
+            # every object word is tagged with its object's place
+            tags = word_place_tags(data.Scene(parsed.objects, parsed.position, parsed.relation, caption))
+            assert sum(t >= 0 for t in tags) == sum(2 + bool(o.size_word) for o in s.objects)
+    # word order alone never says which object is on top: the first colour named is the upper one half the time
+    assert upper_first and np.mean(upper_first) == 0.5
+    assert data.canonical_description(data.Scene(pairs[0].objects, relation="above")).startswith("top ")
+    # varied training captions: deterministic, same scenes as without variation, several forms used
+    a, b = data.make_scenes(5, 40, varied=True), data.make_scenes(5, 40, varied=True)
+    plain = data.make_scenes(5, 40)
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert [data.canonical_description(s) for s in a] == [data.canonical_description(s) for s in plain]
+    assert sum(s.caption.startswith("there is") for s in a) > 0 and sum(x.caption != y.caption
+                                                                        for x, y in zip(a, plain)) > 10
+    ok = caption_checker.validate_on_ground_truth(seed=6, count=40, varied=True)
+    assert ok["colour"] == ok["single_position"] == ok["pair_relation"] == ok["shape"] == 1.0
+
+
+def test_binding_probe_helper(tokenizer):
+    from pixart_core.train.text_pretrain import binding_probe, colour_token_states, is_held_out, linear_probe, \
+        probe_scenes
+
+    # linearly separable data is learnt and generalises; labels independent of the data are not
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 3] > 0).long()
+    _, acc = linear_probe(x[:200], y[:200], x[200:], y[200:])
+    assert acc > 0.95
+    _, acc = linear_probe(x[:200], torch.randint(0, 2, (200,), generator=g), x[200:],
+                          torch.randint(0, 2, (200,), generator=g))
+    assert acc < 0.7
+    # the held-out split is a fixed, disjoint split of caption strings
+    train, test = probe_scenes(0, 50)
+    assert not any(is_held_out(s.caption) for s in train) and all(is_held_out(s.caption) for s in test)
+    assert not {s.caption for s in train} & {s.caption for s in test}
+
+    class WordEncoder(torch.nn.Module):
+        """A fake encoder whose state at each token is [token id, its position]."""
+
+        def forward(self, input_ids, attention_mask=None):
+            pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            return (torch.stack([input_ids.float(), pos.float()], -1),)
+
+    _, tok = tokenizer
+    s = data.Scene([data.SceneObject("circle", "red", 0, 0, 0), data.SceneObject("square", "blue", 0, 0, 0)],
+                   relation="below", caption="below a blue square there is a red circle")
+    # red is below blue: blue is first in the canonical order
+    feats, order, place = colour_token_states(WordEncoder(), tok, [s])
+    assert order.tolist() == [1, 0] and place.tolist() == [1, 0]
+    assert feats[:, 1].tolist() == [7.0, 2.0] and feats[0, 0] == tok.convert_tokens_to_ids("red")
+    # a random T5 does not bind: its colour tokens say little about their object's place
+    res = binding_probe(common.build_t5(len(tok), 0, d_model=T5_WIDTH), tok, count=150)
+    assert res["held_out_tokens"] == res["train_tokens"] == 300 and res["order"] < 0.8
+
+
+def test_text_pretraining_loss_falls_and_encoder_is_a_t5_encoder(tokenizer, tmp_path):
+    from pixart_core.text_encoder import load_t5
+    from pixart_core.train.text_pretrain import TextPretrainConfig, build_text_model, encoder_of, pretrain_text
+
+    folder, tok = tokenizer
+    model = build_text_model(len(tok), 0, d_model=T5_WIDTH)
+    res = pretrain_text(model, tok, TextPretrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5), log_every=0,
+                        eval_count=8)
+    assert _falls(res.losses) and _falls(res.tagging_losses)
+    assert 0.0 <= res.held_out_exact <= 1.0
+    enc = encoder_of(model)
+    assert type(enc).__name__ == "T5EncoderModel" and not any(p.requires_grad for p in enc.parameters())
+    ids = tok(["above a blue square there is a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.encoder(input_ids=ids)[0]
+        assert (enc(ids)[0] - ref).abs().max() < 1e-5
+    # saved in the T5EncoderModel layout, it loads through the project's T5 loader with the same states
+    enc.save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "tokenizer")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
+    embeds, mask = load_t5(tmp_path, precision="fp32").encode(["above a blue square there is a red circle"], 120)
+    n = int(mask.sum())
+    assert n == ids.shape[1] and (embeds[0, :n] - ref[0]).abs().max() < 1e-5

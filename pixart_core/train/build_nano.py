@@ -2,11 +2,14 @@
 
 Trains, in order, with the recipes of this package and nothing pre-trained:
   1. the tokenizer (word level, built from the dataset's vocabulary);
-  2. the VAE (diffusers AutoencoderKL, 8x down, 4 latent channels) on nano scenes and edge maps;
-  3. the transformer (PixArt-α shaped, 64x64 px) with the PixArt objective in v-prediction, jointly with a tiny T5
-     encoder;
-  4. the LCM student (PixArt-δ consistency distillation, 4-step sampling without CFG; a v model like its teacher);
-  5. the ControlNet-Transformer on edge maps, on the frozen base;
+  2. the tiny T5 as a text-to-text model (caption in any phrasing -> canonical scene description, text_pretrain.py),
+     whose encoder is then frozen, as PixArt's T5 is; a linear probe checks that its colour tokens carry their
+     object's place (scores.json "text_encoder_probe");
+  3. the VAE (diffusers AutoencoderKL, 8x down, 4 latent channels) on nano scenes and edge maps;
+  4. the transformer (PixArt-α shaped, 64x64 px) with the PixArt objective in v-prediction, on the frozen T5
+     encoder's states, with captions in varied phrasings (data.phrasings);
+  5. the LCM student (PixArt-δ consistency distillation, 4-step sampling without CFG; a v model like its teacher);
+  6. the ControlNet-Transformer on edge maps, on the frozen base;
 then writes them in the loaders' layouts, reloads them through the project's loaders and scores them with the caption
 checker (printed and written to scores.json, with a PNG grid of outputs).
 
@@ -33,12 +36,13 @@ import torch
 
 from ..bundled import BASE_FILE, CONTROLNET_FILE, LCM_DIR, NANO_DIR
 from . import caption_checker, data
-from .common import build_t5, encode_pool, init_pixart_weights, nano_transformer_config
+from .common import encode_pool, init_pixart_weights, nano_transformer_config
 from .controlnet_train import ControlNetTrainConfig, HintPool, train_controlnet
 from .evaluate import control_scenes, controlnet_iou, decode, encode, guard_scores, save_grid, score_model
 from .export import folder_size, save_controlnet, save_original_transformer, save_pipeline
 from .lcm_distill import LCMConfig, lcm_distill
 from .pretrain import PretrainConfig, pretrain
+from .text_pretrain import TextPretrainConfig, binding_probe, build_text_model, encoder_of, pretrain_text
 from .tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
 from .vae_train import VAETrainConfig, train_vae
 
@@ -64,27 +68,44 @@ def _steps(n: int, scale: float) -> int:
     return max(1, int(round(n * scale)))
 
 
-def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -> None:
+def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -> dict:
+    """Returns what the training measured on the way (text pre-training, probe) for scores.json."""
     work = out / "_build"
     work.mkdir(parents=True, exist_ok=True)
+    facts: dict = {}
     # 1. tokenizer
     tok_dir = save_tokenizer(build_tokenizer(data.VOCABULARY), work / "tokenizer")
     tokenizer = load_hf_tokenizer(tok_dir)
     log(f"tokenizer: {len(tokenizer)} tokens")
 
-    # 2. VAE
+    # 2. text pre-training of the T5 (caption -> canonical description); only its encoder is kept, frozen
+    text_model = build_text_model(len(tokenizer), seed)
+    tres = pretrain_text(text_model, tokenizer, TextPretrainConfig(steps=_steps(800, scale), seed=seed), log=log)
+    t5 = encoder_of(text_model)
+    probe = binding_probe(t5, tokenizer, seed=seed + 30)
+    probe_original = binding_probe(t5, tokenizer, seed=seed + 31, varied=False)
+    facts["text_pretraining"] = {"steps": len(tres.losses), "seconds": tres.seconds,
+                                 "first_loss": tres.losses[0], "final_loss": float(np.mean(tres.losses[-20:])),
+                                 "final_tagging_loss": float(np.mean(tres.tagging_losses[-20:])),
+                                 "held_out_exact_match": tres.held_out_exact}
+    facts["text_encoder_probe"] = {"varied_phrasings": probe, "original_grammar": probe_original}
+    log(f"text pre-training done in {tres.seconds:.0f}s: {facts['text_pretraining']}")
+    log(f"linear probe on the frozen encoder's colour tokens (held-out captions): order {probe['order']:.4f}, "
+        f"place {probe['place']:.4f}; original grammar only: order {probe_original['order']:.4f}, "
+        f"place {probe_original['place']:.4f}")
+
+    # 3. VAE
     vres = train_vae(VAETrainConfig(steps=_steps(800, scale), seed=seed), log=log)
     vae = vres.vae
     log(f"VAE trained in {vres.seconds:.0f}s")
 
     # latents of the training scenes (posterior mean/std; sampled every step)
-    scenes = data.make_scenes(seed + 10, pool_size)
+    scenes = data.make_scenes(seed + 10, pool_size, varied=True)
     images, captions = data.batch(scenes)
     pool = encode_pool(vae, images, captions, vae.config.scaling_factor)
     log(f"latent pool: {len(pool)} scenes, scaled latent std {float(pool.mean.std() * pool.scale):.3f}")
 
-    # 3. pre-training (transformer + T5 jointly)
-    t5 = build_t5(len(tokenizer), seed)
+    # 4. pre-training of the transformer on the frozen T5 encoder
     model_cfg = nano_transformer_config(t5.config.d_model)
     from ..transformer import PixArtTransformer
 
@@ -94,20 +115,24 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, T5 "
         f"{sum(p.numel() for p in t5.parameters()) / 1e6:.2f} M, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
     pres = pretrain(model, t5, tokenizer, pool,
-                    PretrainConfig(steps=_steps(2500, scale), seed=seed, prediction=PREDICTION), log=log)
-    teacher, t5 = pres.model, pres.text_encoder
+                    PretrainConfig(steps=_steps(2500, scale), seed=seed, prediction=PREDICTION,
+                                   train_text_encoder=False), log=log)
+    teacher = pres.model
     log(f"pre-training done in {pres.seconds:.0f}s")
     save_original_transformer(teacher, out / BASE_FILE)
 
-    # 4. LCM distillation
+    # 5. LCM distillation
     lres = lcm_distill(teacher, t5, tokenizer, pool, LCMConfig(steps=_steps(400, scale), seed=seed), log=log)
     log(f"LCM distillation done in {lres.seconds:.0f}s")
     save_pipeline(out / LCM_DIR, lres.student, t5, tok_dir, vae, scheduler="lcm")
 
-    # 5. ControlNet on edge maps of scenes placed anywhere (plus ordinary scenes)
+    # 6. ControlNet on edge maps of scenes placed anywhere (plus ordinary scenes), captions in varied phrasings
     rng = np.random.default_rng(seed + 20)
     cscenes = [data.random_single(rng, free_placement=True) if rng.random() < 0.6 else data.random_scene(rng)
                for _ in range(pool_size // 2)]
+    vrng = np.random.default_rng(seed + 21)
+    for sc in cscenes:
+        data.vary_caption(sc, vrng)
     cimages, ccaptions = data.batch(cscenes)
     edges, _ = data.batch(cscenes, edges=True)
     scale_f = vae.config.scaling_factor
@@ -116,6 +141,7 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
                             log=log)
     log(f"ControlNet training done in {cres.seconds:.0f}s")
     save_controlnet(cres.controlnet, out / CONTROLNET_FILE)
+    return facts
 
 
 def _load_vae(folder: Path, latent_scale: float, log: Logger):
@@ -160,6 +186,10 @@ def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int
     scores["lcm_4_steps_no_cfg"], lcm_images = score_model(lcm, t5, vae, scenes, sampler="lcm", steps=4, guidance=0.0,
                                                            seed=seed)
     log(f"LCM 4 steps, no CFG ({time.time() - t:.1f}s): {scores['lcm_4_steps_no_cfg']}")
+    varied = caption_checker.evaluation_scenes(seed, prompts, varied=True)  # the same scenes, varied phrasings
+    scores["lcm_4_steps_no_cfg_varied_phrasings"], _ = score_model(lcm, t5, vae, varied, sampler="lcm", steps=4,
+                                                                   guidance=0.0, seed=seed)
+    log(f"LCM 4 steps, no CFG, varied phrasings: {scores['lcm_4_steps_no_cfg_varied_phrasings']}")
     for steps in (2, 1):
         scores[f"lcm_{steps}_steps_no_cfg"], _ = score_model(lcm, t5, vae, scenes, sampler="lcm", steps=steps,
                                                              guidance=0.0, seed=seed)
@@ -216,14 +246,16 @@ def main(argv=None) -> int:
     log = Logger(out / "build_log.txt")
     log(f"build_nano {vars(args)}")
     start = time.time()
-    if args.eval_only:  # keep the training time the build recorded
+    if args.eval_only:  # keep what the build recorded: its training time and what it measured while training
         recorded = json.loads((out / "scores.json").read_text()) if (out / "scores.json").is_file() else {}
+        facts = {k: recorded[k] for k in ("text_pretraining", "text_encoder_probe") if k in recorded}
         train_seconds = recorded.get("train_seconds")
     else:
-        train_all(out, args.scale, args.seed, log, args.pool)
+        facts = train_all(out, args.scale, args.seed, log, args.pool)
         train_seconds = time.time() - start
     eval_start = time.time()
     scores = evaluate(out, log, args.prompts, args.control_cases)
+    scores.update(facts)
     scores["train_seconds"] = train_seconds
     scores["total_seconds"] = (train_seconds or 0) + time.time() - eval_start
     shipped = [out / LCM_DIR, out / BASE_FILE, out / CONTROLNET_FILE]

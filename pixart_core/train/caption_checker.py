@@ -35,21 +35,29 @@ def _object_pattern(n: int) -> str:
     return _OBJ.format(n=n, sizes="|".join(SIZES), colours="|".join(COLOURS), shapes="|".join(SHAPES))
 
 
-_SINGLE = re.compile("^" + _object_pattern(1) + r"(?: (?P<position>" + "|".join(POSITION_CENTRES) + "))?$")
-_PAIR = re.compile("^" + _object_pattern(1) + r" (?P<relation>" + "|".join(RELATIONS) + ") " + _object_pattern(2) + "$")
+_REL = "(?P<relation>" + "|".join(RELATIONS) + ")"
+_POS = "(?P<position>" + "|".join(POSITION_CENTRES) + ")"
+# every phrasing of data.phrasings: x is the subject (object 1), y the other object (2)
+_PAIRS = [re.compile("^" + f.format(x=_object_pattern(1), r=_REL, y=_object_pattern(2)) + "$") for f in data.PAIR_FORMS]
+_SINGLES = ([re.compile("^" + f.format(x=_object_pattern(1), p=_POS) + "$") for f in data.SINGLE_FORMS]
+            + [re.compile("^" + f.format(x=_object_pattern(1)) + "$") for f in data.SINGLE_FORMS_NO_PLACE])
 
 
 def parse_caption(caption: str) -> Scene:
-    """The scene a caption asks for (object positions are not filled in)."""
+    """The scene a caption asks for, in any of data.phrasings' forms (object positions are not filled in); objects[0]
+    is the caption's subject."""
     text = " ".join(caption.lower().strip().split())
-    m = _PAIR.match(text)
-    if m:
-        objs = [SceneObject(m[f"shape{i}"], m[f"colour{i}"], 0, 0, 0, m[f"size{i}"]) for i in (1, 2)]
-        return Scene(objs, relation=m["relation"], caption=text)
-    m = _SINGLE.match(text)
-    if m:
-        return Scene([SceneObject(m["shape1"], m["colour1"], 0, 0, 0, m["size1"])], position=m["position"],
-                     caption=text)
+    for pattern in _PAIRS:
+        m = pattern.match(text)
+        if m:
+            objs = [SceneObject(m[f"shape{i}"], m[f"colour{i}"], 0, 0, 0, m[f"size{i}"]) for i in (1, 2)]
+            return Scene(objs, relation=m["relation"], caption=text)
+    for pattern in _SINGLES:
+        m = pattern.match(text)
+        if m:
+            position = m.groupdict().get("position")
+            return Scene([SceneObject(m["shape1"], m["colour1"], 0, 0, 0, m["size1"])], position=position,
+                         caption=text)
     raise ValueError(f"not a nano caption: {caption!r}")
 
 
@@ -205,16 +213,21 @@ def mask_iou(image: np.ndarray, obj: SceneObject) -> float:
     return float((found.mask & truth).sum() / max(1, (found.mask | truth).sum()))
 
 
-def evaluation_scenes(seed: int, count: int) -> list[Scene]:
-    """Prompts for scoring: half single objects (all with a position), half two-object scenes."""
+def evaluation_scenes(seed: int, count: int, varied: bool = False) -> list[Scene]:
+    """Prompts for scoring: half single objects (all with a position), half two-object scenes. varied: the same
+    scenes, each caption one of its phrasings (data.phrasings) instead of the original grammar."""
     rng = np.random.default_rng(seed)
     scenes = []
     for i in range(count):
         scenes.append(data.random_pair(rng) if i % 2 else data.random_single(rng, position_prob=1.0))
+    if varied:
+        vrng = np.random.default_rng([seed, 1])
+        for s in scenes:
+            data.vary_caption(s, vrng)
     return scenes
 
 
-def validate_on_ground_truth(seed: int = 1234, count: int = 200) -> dict:
+def validate_on_ground_truth(seed: int = 1234, count: int = 200, varied: bool = False) -> dict:
     """The checker's scores on the dataset's own renders (should all be 1.0)."""
-    scenes = evaluation_scenes(seed, count)
+    scenes = evaluation_scenes(seed, count, varied)
     return score(np.stack([data.render(s) for s in scenes]), [s.caption for s in scenes])

@@ -37,8 +37,13 @@ POSITION_CENTRES = {
     "on the left": (0.27, 0.5), "on the right": (0.73, 0.5), "at the top": (0.5, 0.27),
     "at the bottom": (0.5, 0.73), "in the center": (0.5, 0.5),
 }
+INVERSE = {"above": "below", "below": "above", "to the left of": "to the right of",
+           "to the right of": "to the left of"}
+# words of the varied phrasings ("there is ...", "... is above ...") and of the canonical scene descriptions the text
+# encoder is pre-trained to write ("anywhere": a single object whose caption names no place)
+PHRASING_WORDS = ("there", "is", "anywhere")
 VOCABULARY = sorted({"a", "an", "the", "of", "on", "at", "in", "to", "left", "right", "top", "bottom", "center",
-                     "above", "below", "and", *COLOURS, *SHAPES, *SIZES})
+                     "above", "below", "and", *PHRASING_WORDS, *COLOURS, *SHAPES, *SIZES})
 
 
 @dataclass
@@ -71,6 +76,52 @@ def caption_of(scene: Scene) -> str:
         return text + (f" {scene.position}" if scene.position else "")
     a, b = scene.objects
     return f"{describe_object(a)} {scene.relation} {describe_object(b)}"
+
+
+# Phrasings of one scene. A pair "A <rel> B" is said with either object as the subject (B <inverse rel> A) and in four
+# forms, so neither the first colour of a caption nor the relation word alone says which object is where:
+PAIR_FORMS = ("{x} {r} {y}", "{x} is {r} {y}", "there is {x} {r} {y}", "{r} {y} there is {x}")
+SINGLE_FORMS = ("{x} {p}", "{x} is {p}", "there is {x} {p}", "{p} there is {x}")  # with a position phrase
+SINGLE_FORMS_NO_PLACE = ("{x}", "there is {x}")
+
+
+def phrasings(scene: Scene) -> list[str]:
+    """Every caption of a scene in the varied phrasings; the first one is caption_of(scene) (the original grammar).
+    Pairs: 8 (4 forms x either object as the subject), single objects: 4 (2 without a position phrase)."""
+    if len(scene.objects) == 1:
+        x = describe_object(scene.objects[0])
+        if scene.position is None:
+            return [f.format(x=x) for f in SINGLE_FORMS_NO_PLACE]
+        return [f.format(x=x, p=scene.position) for f in SINGLE_FORMS]
+    a, b = (describe_object(o) for o in scene.objects)
+    out = []
+    for form in PAIR_FORMS:
+        out.append(form.format(x=a, r=scene.relation, y=b))
+        out.append(form.format(x=b, r=INVERSE[scene.relation], y=a))
+    return out
+
+
+def place_of_pair(relation: str) -> tuple[str, str]:
+    """Where objects[0] and objects[1] of a pair are: ("top", "bottom"), ("left", "right"), ..."""
+    return {"above": ("top", "bottom"), "below": ("bottom", "top"), "to the left of": ("left", "right"),
+            "to the right of": ("right", "left")}[relation]
+
+
+def canonical_description(scene: Scene) -> str:
+    """What a caption says, independent of its phrasing: the objects in a fixed spatial order (top to bottom, then
+    left to right), each as "<place> [size] <colour> <shape>". "a blue square below a red circle" and "above a blue
+    square there is a red circle" both give "top red circle bottom blue square". A single object without a position
+    phrase has the place "anywhere"."""
+    def one(o: SceneObject, place: str) -> str:
+        return " ".join([place] + ([o.size_word] if o.size_word else []) + [o.colour, o.shape])
+
+    if len(scene.objects) == 1:
+        place = scene.position.split()[-1] if scene.position else "anywhere"
+        return one(scene.objects[0], place)
+    places = place_of_pair(scene.relation)
+    order = {"top": 0, "left": 0, "bottom": 1, "right": 1}
+    pairs = sorted(zip(scene.objects, places), key=lambda op: order[op[1]])
+    return " ".join(one(o, p) for o, p in pairs)
 
 
 def _size(rng: np.random.Generator, named: bool) -> tuple[float, str | None]:
@@ -127,9 +178,22 @@ def random_scene(rng: np.random.Generator, pair_prob: float = 0.5) -> Scene:
     return random_pair(rng) if rng.random() < pair_prob else random_single(rng)
 
 
-def make_scenes(seed: int, count: int, pair_prob: float = 0.5) -> list[Scene]:
+def vary_caption(scene: Scene, rng: np.random.Generator) -> Scene:
+    """Give the scene one of its phrasings (uniformly), in place; returns the scene."""
+    options = phrasings(scene)
+    scene.caption = options[int(rng.integers(len(options)))]
+    return scene
+
+
+def make_scenes(seed: int, count: int, pair_prob: float = 0.5, varied: bool = False) -> list[Scene]:
+    """varied: each caption is one of the scene's phrasings (data.phrasings), else the original grammar."""
     rng = np.random.default_rng(seed)
-    return [random_scene(rng, pair_prob) for _ in range(count)]
+    scenes = [random_scene(rng, pair_prob) for _ in range(count)]
+    if varied:
+        vrng = np.random.default_rng([seed, 1])  # a separate stream: the scenes are the same either way
+        for s in scenes:
+            vary_caption(s, vrng)
+    return scenes
 
 
 # --------------------------------------------------------------------------------------------------- drawing

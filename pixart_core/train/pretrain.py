@@ -18,8 +18,10 @@ Nano-specific choices, all optional arguments:
   weighted by min(1/ᾱ_t, cap) (v-prediction's weighting of an ε error, capped). With plain ε-MSE the nano teacher's x0
   estimate at t >= 700 stayed no better than predicting 0 (measured); a cap of 100 makes those steps learn (colour /
   position .42 / .32 -> .85 / .25 at 600 steps), but far less than v-prediction does.
-- `train_text_encoder`: the tiny T5 is trained jointly (PixArt keeps its huge pre-trained T5 frozen; a tiny T5
-  built from scratch has nothing to be frozen at). Frozen afterwards for the LCM and ControlNet recipes.
+- `train_text_encoder`: True trains the tiny T5 jointly (builds 1-3; frozen afterwards for the LCM and ControlNet
+  recipes); that left the two-object relation at chance, because nothing makes a colour word carry its object's
+  place. build_nano now pre-trains the T5 on text first (text_pretrain.py) and passes False: the encoder stays
+  frozen here, as PixArt keeps its pre-trained T5 frozen.
 """
 
 from __future__ import annotations
