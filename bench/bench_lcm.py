@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pixart_core import pipeline as pl  # noqa: E402
-from pixart_core.checkpoint import load_transformer  # noqa: E402
+from pixart_core.loading.checkpoint import load_transformer  # noqa: E402
 from pixart_core.vae import PixArtVAE  # noqa: E402
 
 FULL = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, caption_channels=4096, sample_size=128)

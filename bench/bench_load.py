@@ -2,7 +2,7 @@
 
 Full run (default): random XL-2 weights saved once as a diffusers `transformer/` folder in fp32 (config.json + one
 2.4 GB safetensors file, as the official PixArt-XL-2-1024-MS repository ships it), then loaded to bf16 by
-  ours:      pixart_core.checkpoint.load_transformer(folder, dtype=torch.bfloat16)
+  ours:      pixart_core.loading.checkpoint.load_transformer(folder, dtype=torch.bfloat16)
   reference: diffusers PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
 each in a fresh subprocess, alternating, twice (the file is in the page cache after the first read; the minimum time
 is reported). Peak memory is the child's peak RSS minus its RSS before the load (imports done), next to the size of
@@ -32,7 +32,7 @@ SCRIPT = Path(__file__).resolve()
 def child(which: str, path: str) -> None:
     # Each child imports its library before the baseline (our loader imports nothing more while loading).
     if which == "ours":
-        from pixart_core.checkpoint import load_transformer as load
+        from pixart_core.loading.checkpoint import load_transformer as load
 
         kwargs = dict(dtype=torch.bfloat16)
     else:
@@ -53,7 +53,7 @@ def write_original_layout(folder: Path, out: Path) -> Path:
     """The same weights in the original PixArt key layout (single .safetensors), via our own reader."""
     from safetensors.torch import save_file
 
-    from pixart_core.checkpoint import read_state_dict
+    from pixart_core.loading.checkpoint import read_state_dict
 
     sd = read_state_dict(folder)
     save_file({k: v.contiguous() for k, v in sd.items()}, out)

@@ -39,7 +39,7 @@ def _load(impl: str, mode: str, path: str | None, quick: bool):
         from diffusers import PixArtTransformer2DModel
 
         return PixArtTransformer2DModel.from_pretrained(path, torch_dtype=dtype)
-    from pixart_core.checkpoint import load_transformer
+    from pixart_core.loading.checkpoint import load_transformer
     from pixart_core.quantize import quantize_transformer
 
     model = our_transformer(TINY, dtype) if quick else load_transformer(path, dtype=dtype)
@@ -50,7 +50,7 @@ def child(impl: str, mode: str, path: str, size: int, out_file: str, quick: bool
     if impl == "diffusers":
         import diffusers  # noqa: F401  (imported before the baseline, like ours below)
     else:
-        import pixart_core.checkpoint  # noqa: F401
+        import pixart_core.loading.checkpoint  # noqa: F401
         import pixart_core.quantize  # noqa: F401
         if mode == "int8":
             import bitsandbytes  # noqa: F401

@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixart_core.t5_loading import build_t5_encoder, load_tokenizer  # noqa: E402
+from pixart_core.loading.t5_loading import build_t5_encoder, load_tokenizer  # noqa: E402
 from pixart_core.text_encoder import T5TextEncoder, clear_cache  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "t5-v1_1-xxl"

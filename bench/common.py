@@ -53,8 +53,8 @@ def reference_transformer(shape: dict, seed: int = 0):
 
 def ours_from_reference(reference, dtype: torch.dtype):
     """Our PixArtTransformer with the reference's weights (renamed by our loader, in memory)."""
-    from pixart_core.checkpoint import load_transformer
-    from pixart_core.checkpoint_formats import StateDictSource
+    from pixart_core.loading.checkpoint import load_transformer
+    from pixart_core.loading.checkpoint_formats import StateDictSource
 
     tensors = {k: v.detach() for k, v in reference.state_dict().items()}
     return load_transformer(StateDictSource("<memory>", tensors=tensors, config=dict(reference.config)), dtype=dtype)

@@ -2,7 +2,7 @@
 
 Models come from local paths (`--model` for a diffusers pipeline folder, or `--transformer/--t5/--vae` in any layout
 the core reads), or by name (`--model nano`, `--model official`); with none, the official PixArt-δ LCM pipeline when it
-is in the Hugging Face cache, else the bundled PixArt-nano, and one line says which (hub.py). User errors
+is in the Hugging Face cache, else the bundled PixArt-nano, and one line says which (loading/hub.py). User errors
 (PixArtError) print as one message, exit code 2, no traceback.
 """
 
@@ -92,7 +92,7 @@ def _load_init_image(path: str):
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .hub import resolve_model
+    from .loading.hub import resolve_model
     from .pipeline import PixArtPipeline
 
     if args.batch < 1:
@@ -152,7 +152,7 @@ def save_png_atomically(img, path: Path) -> None:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from .checkpoint import describe
+    from .loading.checkpoint import describe
 
     print(json.dumps(describe(args.path), indent=2, default=str))
     return 0

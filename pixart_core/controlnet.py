@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import BASE_PREFIX, detect, guess_num_heads, load_transformer
-from .checkpoint_formats import (
+from .loading.checkpoint import BASE_PREFIX, detect, guess_num_heads, load_transformer
+from .loading.checkpoint_formats import (
     StateDictSource,
     block_key_plan,
     materialise,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint_formats import open_checkpoint
+from .loading.checkpoint_formats import open_checkpoint
 from .errors import PixArtError
 
 

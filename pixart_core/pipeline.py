@@ -289,7 +289,7 @@ class PixArtPipeline:
     """Prompts to images with a loaded transformer, T5 encoder and VAE.
 
     Build it from loaded parts, or with `PixArtPipeline.from_paths(...)` (paths may be left out to use the official
-    PixArt-δ LCM pipeline from the Hugging Face cache, or the bundled PixArt-nano without it; see hub.py).
+    PixArt-δ LCM pipeline from the Hugging Face cache, or the bundled PixArt-nano without it; see loading/hub.py).
     """
 
     def __init__(self, transformer, text_encoder, vae):
@@ -313,11 +313,11 @@ class PixArtPipeline:
         """Load the three parts. `model` is a diffusers pipeline folder providing whatever is not given separately
         ("nano" and "official" name the bundled and the official pipeline, hub.resolve_model); with neither, the
         official PixArt-LCM-XL-2-1024-MS pipeline from the Hugging Face cache, else the bundled PixArt-nano."""
-        from .hub import resolve_model
+        from .loading.hub import resolve_model
 
         # before importing the loaders: a failure to find the model should be quick
         model = resolve_model(model, parts_given=None not in (transformer, t5, vae))[0]
-        from .checkpoint import load_transformer
+        from .loading.checkpoint import load_transformer
         from .text_encoder import load_t5
         transformer = transformer or model
         t5 = t5 or model

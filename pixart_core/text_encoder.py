@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import PixArtError
 from .transformer import null_embedding_conditioning
-from .t5_loading import (
+from .loading.t5_loading import (
     FF_OUTPUT,
     PRECISIONS,
     find_tokenizer_dir,

@@ -1,8 +1,8 @@
 """The PixArt transformer (α, Σ and δ share it), read top to bottom in the order the math happens.
 
 Parameter names follow the ORIGINAL PixArt checkpoints (x_embedder, t_block, blocks.i.attn.qkv, ...), so an original
-state dict loads as it is; diffusers checkpoints are renamed in checkpoint.py. Shapes in comments: B batch, N image
-tokens (h*w after 2x2 patching), L text tokens, D width.
+state dict loads as it is; diffusers checkpoints are renamed in loading/checkpoint_formats.py. Shapes in comments:
+B batch, N image tokens (h*w after 2x2 patching), L text tokens, D width.
 
 Speed that every sampler inherits: the caption projection and each block's cross-attention keys/values are computed
 once per generation (TextConditioning), attention looks only at the valid text tokens, and every attention runs

@@ -1,4 +1,5 @@
-"""Test setup: the repository root on sys.path (so `pixart_core`, `nodes` and `tests.factories` import), and no hub."""
+"""Test setup: the repository root on sys.path (so `pixart_core`, `pixart_nodes`, `train` and `tests.factories`
+import), and no hub."""
 
 import os
 import sys

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixart_core import attention as kernels
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from tests.factories import tiny_diffusers_transformer, write_all_layouts
 
 

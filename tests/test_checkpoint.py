@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pixart_core.checkpoint import describe, detect, load_transformer, read_state_dict
+from pixart_core.loading.checkpoint import describe, detect, load_transformer, read_state_dict
 from pixart_core.errors import PixArtError
 from tests.factories import original_state_dict, tiny_diffusers_transformer, write_all_layouts
 
@@ -109,7 +109,7 @@ def test_released_original_checkpoints_are_recognised(name, shape_kw, expected):
     assert (c.family, c.sample_size, c.pe_interpolation, c.micro_conditions, c.text_len, c.depth) == expected
     assert (c.hidden_size, c.num_heads, c.out_channels, c.caption_channels) == (1152, 16, 8, 4096)
     assert not det.assumed, det.assumed  # everything came from the file
-    from pixart_core.checkpoint import _verify_keys, build_empty
+    from pixart_core.loading.checkpoint import _verify_keys, build_empty
     _verify_keys(build_empty(c), det.plan, released_original_shapes(**shape_kw))
 
 
@@ -311,7 +311,7 @@ def test_missing_path_and_empty_folder(tmp_path):
 _MEASURE = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {root!r})
-    from pixart_core.checkpoint import load_transformer
+    from pixart_core.loading.checkpoint import load_transformer
     def status_mb(field):  # VmHWM, unlike ru_maxrss, is not inherited from the forking parent
         with open('/proc/self/status') as f:
             for line in f:

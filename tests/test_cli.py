@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixart_core import cli, hub
+from pixart_core import cli
+from pixart_core.loading import hub
 from tests.conftest import ROOT, T5_TOKENIZER
 from tests.factories import tiny_diffusers_transformer
 

@@ -29,7 +29,7 @@ spec = importlib.util.spec_from_file_location("pixart_pack", root / "__init__.py
 pack = importlib.util.module_from_spec(spec)
 sys.modules["pixart_pack"] = pack
 spec.loader.exec_module(pack)
-from nodes import comfy_bridge
+from pixart_nodes import comfy_bridge
 assert comfy_bridge.IN_COMFYUI, "the pack did not take the stand-ins for ComfyUI"
 harness.Directories.output = harness.Directories.temp = str(work / "out")
 prompt = json.loads((root / "workflows" / "api" / "pixart_delta_lcm_1024.json").read_text())

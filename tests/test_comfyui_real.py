@@ -90,7 +90,8 @@ def http(url: str, data: dict | None = None, timeout: float = 30):
 def _pack_files(folder: Path) -> dict[str, str]:
     """sha256 of the files that make the pack: what ComfyUI imports and what the workflows are."""
     out = {}
-    for pattern in ("__init__.py", "requirements.txt", "nodes/*.py", "pixart_core/**/*.py", "workflows/**/*.json"):
+    for pattern in ("__init__.py", "requirements.txt", "pixart_nodes/*.py", "pixart_core/**/*.py",
+                    "workflows/**/*.json"):
         for path in folder.glob(pattern):
             if path.is_file() and "__pycache__" not in path.parts:
                 out[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -236,7 +237,7 @@ def int8_available() -> bool:
 
 # ------------------------------------------------------------------------------------------------ the API
 def test_object_info_lists_our_nodes_and_the_stand_ins_match_comfyui(server):
-    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from pixart_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
     from tests import comfy_harness as harness
 
     status, info = http(server["url"] + "/object_info")
@@ -363,6 +364,12 @@ def test_startup_log_is_clean_and_the_pack_imports_fast(server):
     lines = [line for line in log.splitlines() if (from_pack.search(line.replace(env_root, "")) or about_pack(line))
              and not re.match(r"^\s*[0-9.]+ seconds: ", line)]
     assert lines == [], "start-up log lines from the pack:\n" + "\n".join(lines)
+    # the pack folder is on sys.path (for pixart_core): none of its top-level modules may shadow one of ComfyUI's
+    def top_level(folder: Path) -> set[str]:
+        return {p.stem if p.suffix == ".py" else p.name for p in folder.iterdir()
+                if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    assert top_level(pack) & top_level(Path(COMFY_DIR)) == set()
+    assert "pixart_nodes" in top_level(pack) and "nodes" in top_level(Path(COMFY_DIR))
 
 
 # ------------------------------------------------------------------------------------------------ Cancel
@@ -489,7 +496,7 @@ def _python_with_playwright(server) -> str | None:
 
 def shrink_ui(workflow: dict) -> dict:
     """The UI twin of test_workflows.shrink: small sizes in the widgets, so Run finishes quickly."""
-    from nodes import NODE_CLASS_MAPPINGS
+    from pixart_nodes import NODE_CLASS_MAPPINGS
     from tests import comfy_harness as harness
     from tests.test_workflows import TEST_SIZE, TEST_STEPS, TEST_TILE
     from tests.ui_to_api import widget_slots

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.controlnet import (
     check_compatible,
     controls_at_step,

@@ -1,5 +1,5 @@
-"""Where PixArt-nano's files go (pixart_core/bundled.py) and how the ComfyUI loaders offer them: tiny models are written
-under the nano names in a temporary models/nano, as `build_nano` lays them out."""
+"""Where PixArt-nano's files go (pixart_core/loading/bundled.py) and how the ComfyUI loaders offer them: tiny models
+are written under the nano names in a temporary models/nano, as `build_nano` lays them out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from nodes import comfy_bridge as bridge
-from pixart_core import bundled
+from pixart_nodes import comfy_bridge as bridge
+from pixart_core.loading import bundled
 from pixart_core.text_encoder import load_t5
 from tests.test_cli import build_tiny_pipeline
 
@@ -49,7 +49,7 @@ def test_loaders_list_the_bundled_models_after_the_users_files(user_models, nano
 
 
 def test_t5_loader_node_uses_the_pipelines_own_tokenizer(user_models, nano_root):
-    from nodes import NODE_CLASS_MAPPINGS
+    from pixart_nodes import NODE_CLASS_MAPPINGS
 
     bridge.set_t5_tokenizer_dir(None)  # no fallback tokenizer: the bundled folder must bring its own
     [encoder] = NODE_CLASS_MAPPINGS["PixArtDeltaT5Loader"]().load("PixArt-nano-T5 (bundled)", "fp32", "cpu")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from nodes import comfy_bridge as bridge
-from nodes import model_cache
+from pixart_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from pixart_nodes import comfy_bridge as bridge
+from pixart_nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
 from tests.conftest import T5_TOKENIZER
@@ -130,6 +130,21 @@ def test_pack_loads_the_way_comfyui_loads_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert str(sorted(NODE_CLASS_MAPPINGS)) in out.stdout
+
+
+def test_layout_run_time_packages_import_no_training_code_and_only_the_bridge_imports_comfyui():
+    """pixart_core and pixart_nodes run without train/ (the packaging need not ship it), and ComfyUI is imported in
+    pixart_nodes/comfy_bridge.py only."""
+    import re
+
+    sources = sorted((ROOT / "pixart_core").rglob("*.py")) + sorted((ROOT / "pixart_nodes").rglob("*.py"))
+    imports_train = re.compile(r"^\s*(from\s+train\b|import\s+train\b)", re.M)
+    imports_comfy = re.compile(r"^\s*(from\s+comfy(\.|\s)|import\s+comfy(\.|\s|$)|from\s+(folder_paths|"
+                               r"latent_preview|nodes|comfy_api|comfy_execution|node_helpers)\b|import\s+"
+                               r"(folder_paths|latent_preview|nodes|comfy_api|comfy_execution|node_helpers)\b)", re.M)
+    assert [p for p in sources if imports_train.search(p.read_text())] == []
+    assert [p.relative_to(ROOT).as_posix() for p in sources if imports_comfy.search(p.read_text())] == \
+        ["pixart_nodes/comfy_bridge.py"]
 
 
 # ------------------------------------------------------------------------------------------------ ComfyUI's types
@@ -446,7 +461,7 @@ def test_harness_keeps_the_validate_inputs_pitfalls(env):
 def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     """The optional step_cache combo: validated like any combo, off when absent (older workflows), and when on the
     core gets its options; with T-GATE the model runs the conditional batch alone after the gate."""
-    from nodes import sampling
+    from pixart_nodes import sampling
     from pixart_core.step_cache import StepCacheOptions
     from pixart_core.transformer import PixArtTransformer
 
@@ -490,7 +505,7 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
 
 
 def test_loader_fp8_precision(env, monkeypatch):
-    from nodes import transformer_loader
+    from pixart_nodes import transformer_loader
     from pixart_core.quantize import FP8_DTYPE, Fp8Linear
 
     loader = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()

@@ -20,7 +20,7 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
                        PixArtSigmaPipeline)
 
 from pixart_core import pipeline as pl
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
 from pixart_core.guidance import Interrupted
 from pixart_core.vae import PixArtVAE

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixart_core import samplers
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
 from pixart_core.quantize import Fp8Linear, block_linears, quantize_transformer, weight_bytes
 from pixart_core.schedule import ddpm_schedule

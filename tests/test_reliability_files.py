@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nodes import NODE_CLASS_MAPPINGS
-from nodes import comfy_bridge as bridge
-from nodes import model_cache
-from pixart_core import bundled
+from pixart_nodes import NODE_CLASS_MAPPINGS
+from pixart_nodes import comfy_bridge as bridge
+from pixart_nodes import model_cache
+from pixart_core.loading import bundled
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
 from tests.conftest import T5_TOKENIZER
@@ -246,7 +246,7 @@ def test_combined_controlnet_file_also_loads_as_its_base_transformer(env):
         loaded = executor.last_results["1"][0].module.state_dict()
     finally:
         (env / "diffusion_models" / name).unlink()
-    from pixart_core.checkpoint import load_transformer
+    from pixart_core.loading.checkpoint import load_transformer
 
     base = load_transformer(env / harness.TINY_FILES["alpha"]).state_dict()  # the α model the file was built on
     assert loaded.keys() == base.keys() and all(torch.equal(loaded[k], base[k]) for k in base)

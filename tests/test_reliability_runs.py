@@ -24,9 +24,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodes import NODE_CLASS_MAPPINGS
-from nodes import comfy_bridge as bridge
-from nodes import model_cache
+from pixart_nodes import NODE_CLASS_MAPPINGS
+from pixart_nodes import comfy_bridge as bridge
+from pixart_nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
 from tests.conftest import T5_TOKENIZER
@@ -342,9 +342,9 @@ def test_cancel_at_every_check_leaves_the_pack_usable(env, monkeypatch):
 def test_cancel_while_loading_leaves_nothing_half_loaded(env, monkeypatch):
     """ComfyUI stops a run by raising from inside whatever is running; a loader interrupted halfway (transformer,
     ControlNet, T5) must not leave a half-built model in the cache."""
-    import pixart_core.checkpoint as checkpoint
+    import pixart_core.loading.checkpoint as checkpoint
     import pixart_core.controlnet as controlnet
-    import pixart_core.t5_loading as t5_loading
+    import pixart_core.loading.t5_loading as t5_loading
 
     prompt = workflow(tile=32, mode="fast")
     model_cache.clear_all()

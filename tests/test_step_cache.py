@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pixart_core import samplers
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
 from pixart_core.schedule import ddpm_schedule
 from pixart_core.step_cache import StepCache, StepCacheOptions, make_step_cache

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from pixart_core.schedule import ddpm_schedule
-from pixart_core.train import caption_checker, common, data
-from pixart_core.train.common import LatentPool, TrainSchedule
-from pixart_core.train.controlnet_train import ControlNetTrainConfig, HintPool, controlnet_from_base, train_controlnet
-from pixart_core.train.lcm_distill import LCMConfig, boundary_scalings, lcm_distill
-from pixart_core.train.pretrain import PretrainConfig, VPredictionAsEpsilon, pretrain
-from pixart_core.train.tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
-from pixart_core.train.vae_train import VAETrainConfig, rescale_latents, train_vae
+from train import caption_checker, common, data
+from train.common import LatentPool, TrainSchedule
+from train.controlnet_train import ControlNetTrainConfig, HintPool, controlnet_from_base, train_controlnet
+from train.lcm_distill import LCMConfig, boundary_scalings, lcm_distill
+from train.pretrain import PretrainConfig, VPredictionAsEpsilon, pretrain
+from train.tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
+from train.vae_train import VAETrainConfig, rescale_latents, train_vae
 from pixart_core.transformer import PixArtTransformer
 
 T5_WIDTH = 32
@@ -96,7 +96,7 @@ def test_dataset_is_deterministic_and_checker_agrees_with_ground_truth():
 
 
 def test_tokenizer_loads_through_the_project_t5_path(tokenizer):
-    from pixart_core.t5_loading import load_tokenizer
+    from pixart_core.loading.t5_loading import load_tokenizer
 
     folder, _ = tokenizer
     tok = load_tokenizer(folder)
@@ -171,8 +171,8 @@ def test_v_prediction_path_of_the_nano_build(tokenizer, pool, tmp_path):
 
     from safetensors import safe_open
 
-    from pixart_core.checkpoint import load_transformer
-    from pixart_core.train.export import save_original_transformer, save_pipeline
+    from pixart_core.loading.checkpoint import load_transformer
+    from train.export import save_original_transformer, save_pipeline
 
     folder, tok = tokenizer
     t5 = common.build_t5(len(tok), 2, d_model=T5_WIDTH)
@@ -219,10 +219,10 @@ def test_controlnet_starts_as_the_base_and_loss_falls(pretrained, tokenizer, poo
 
 
 def test_export_layouts_load_back_through_the_loaders(pretrained, tokenizer, tmp_path):
-    from pixart_core.checkpoint import load_transformer
+    from pixart_core.loading.checkpoint import load_transformer
     from pixart_core.controlnet import load_controlnet
     from pixart_core.text_encoder import load_t5
-    from pixart_core.train.export import save_controlnet, save_original_transformer, save_pipeline, to_diffusers
+    from train.export import save_controlnet, save_original_transformer, save_pipeline, to_diffusers
 
     folder, _ = tokenizer
     model, t5 = pretrained.model, pretrained.text_encoder
@@ -261,7 +261,7 @@ def test_export_layouts_load_back_through_the_loaders(pretrained, tokenizer, tmp
 
 # --------------------------------------------------------------------------------------------------- text encoder
 def test_phrasings_of_a_scene_share_one_canonical_description():
-    from pixart_core.train.text_pretrain import word_place_tags
+    from train.text_pretrain import word_place_tags
 
     rng = np.random.default_rng(0)
     pairs = [data.random_pair(rng) for _ in range(30)]
@@ -296,7 +296,7 @@ def test_phrasings_of_a_scene_share_one_canonical_description():
 
 
 def test_binding_probe_helper(tokenizer):
-    from pixart_core.train.text_pretrain import binding_probe, colour_token_states, is_held_out, linear_probe, \
+    from train.text_pretrain import binding_probe, colour_token_states, is_held_out, linear_probe, \
         probe_scenes
 
     # linearly separable data is learnt and generalises; labels independent of the data are not
@@ -334,7 +334,7 @@ def test_binding_probe_helper(tokenizer):
 
 def test_text_pretraining_loss_falls_and_encoder_is_a_t5_encoder(tokenizer, tmp_path):
     from pixart_core.text_encoder import load_t5
-    from pixart_core.train.text_pretrain import TextPretrainConfig, build_text_model, encoder_of, pretrain_text
+    from train.text_pretrain import TextPretrainConfig, build_text_model, encoder_of, pretrain_text
 
     folder, tok = tokenizer
     model = build_text_model(len(tok), 0, d_model=T5_WIDTH)

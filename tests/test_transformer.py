@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
 from tests.factories import tiny_diffusers_transformer, write_all_layouts
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from nodes import comfy_bridge as bridge
-from nodes import model_cache
+from pixart_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from pixart_nodes import comfy_bridge as bridge
+from pixart_nodes import model_cache
 from tests import comfy_harness as harness
 from tests.conftest import T5_TOKENIZER
 from tests.ui_to_api import ui_to_api

@@ -20,7 +20,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from pixart_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 FRONTEND_VERSION = "1.27.10"
 EXAMPLE_IMAGE = "pixart_delta_example.png"
@@ -36,7 +36,7 @@ T5 = "t5xxl_fp16.safetensors"
 SD_VAE = "sd-vae-ft-ema.safetensors"
 SDXL_VAE = "sdxl_vae.safetensors"
 
-# PixArt-nano, which ships with the pack (pixart_core/bundled.py names it in the loaders' lists)
+# PixArt-nano, which ships with the pack (pixart_core/loading/bundled.py names it in the loaders' lists)
 NANO_LCM = "PixArt-nano-LCM (bundled)"
 NANO_T5 = "PixArt-nano-T5 (bundled)"
 NANO_VAE = "PixArt-nano-VAE (bundled)"

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import PixArtError
+from ..errors import PixArtError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import V_PREDICTION
-from ..samplers import lcm_boundary_scalings
-from ..transformer import PixArtTransformer
+from pixart_core.config import V_PREDICTION
+from pixart_core.samplers import lcm_boundary_scalings
+from pixart_core.transformer import PixArtTransformer
 from .common import EMA, LatentPool, TrainSchedule, encode_text, null_text, warmup_lr
 from .pretrain import VPredictionAsEpsilon
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import EPSILON, V_PREDICTION
-from ..transformer import PixArtTransformer
+from pixart_core.config import EPSILON, V_PREDICTION
+from pixart_core.transformer import PixArtTransformer
 from .common import EMA, LatentPool, TrainSchedule, drop_captions, encode_text, warmup_lr
 from .losses import diffusion_loss
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..pipeline import generate_latents
+from pixart_core.pipeline import generate_latents
 from . import caption_checker, data
 from .data import IMAGE_SIZE
 

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import PixArtError
+from ..errors import PixArtError
 
 OFFICIAL_LCM_REPO = "PixArt-alpha/PixArt-LCM-XL-2-1024-MS"
 PROBE_TIMEOUT_S = 3.0

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from pixart_core.checkpoint import load_transformer
+from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
 from pixart_core.quantize import FP8_DTYPE, quantize_transformer
 

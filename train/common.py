@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ALPHA, PixArtConfig
-from ..schedule import eps_from_v, linear_betas
-from ..transformer import PixArtTransformer, null_embedding_conditioning
+from pixart_core.config import ALPHA, PixArtConfig
+from pixart_core.schedule import eps_from_v, linear_betas
+from pixart_core.transformer import PixArtTransformer, null_embedding_conditioning
 
 
 # --------------------------------------------------------------------------------------------------- schedule

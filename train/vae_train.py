@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LATENT_SCALE
+from pixart_core.config import LATENT_SCALE
 from . import data
 from .common import build_vae, warmup_lr
 

@@ -1,4 +1,4 @@
-"""Build PixArt-nano from scratch: `python -m pixart_core.train.build_nano --out models/nano`.
+"""Build PixArt-nano from scratch: `python -m train.build_nano --out models/nano`.
 
 Trains, in order, with the recipes of this package and nothing pre-trained:
   1. the tokenizer (word level, built from the dataset's vocabulary);
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundled import BASE_FILE, CONTROLNET_FILE, LCM_DIR, NANO_DIR
+from pixart_core.loading.bundled import BASE_FILE, CONTROLNET_FILE, LCM_DIR, NANO_DIR
 from . import caption_checker, data
 from .common import encode_pool, init_pixart_weights, nano_transformer_config
 from .controlnet_train import ControlNetTrainConfig, HintPool, train_controlnet
@@ -107,7 +107,7 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
 
     # 4. pre-training of the transformer on the frozen T5 encoder
     model_cfg = nano_transformer_config(t5.config.d_model)
-    from ..transformer import PixArtTransformer
+    from pixart_core.transformer import PixArtTransformer
 
     torch.manual_seed(seed)
     model = PixArtTransformer(model_cfg)
@@ -149,8 +149,8 @@ def _load_vae(folder: Path, latent_scale: float, log: Logger):
     same PixArtVAE wrapper), and the fallback is logged."""
     from diffusers import AutoencoderKL
 
-    from ..errors import PixArtError
-    from ..vae import PixArtVAE, load_vae
+    from pixart_core.errors import PixArtError
+    from pixart_core.vae import PixArtVAE, load_vae
 
     try:
         return load_vae(str(folder), latent_scale=latent_scale)
@@ -162,9 +162,9 @@ def _load_vae(folder: Path, latent_scale: float, log: Logger):
 
 def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int = 777) -> dict:
     """Reload everything through the project's loaders and score it."""
-    from ..checkpoint import load_transformer
-    from ..controlnet import load_controlnet
-    from ..text_encoder import load_t5
+    from pixart_core.loading.checkpoint import load_transformer
+    from pixart_core.controlnet import load_controlnet
+    from pixart_core.text_encoder import load_t5
 
     lcm = load_transformer(out / LCM_DIR, dtype=torch.float32)
     base = load_transformer(out / BASE_FILE, dtype=torch.float32)

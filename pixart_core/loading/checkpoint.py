@@ -29,10 +29,10 @@ from .checkpoint_formats import (
     strip_prefix,
     verify_plan,
 )
-from .config import ALPHA, EPSILON, PREDICTION_TYPES, SIGMA, PixArtConfig, default_pe_interpolation
-from .errors import PixArtError
-from .memory import return_freed_memory
-from .transformer import PixArtTransformer
+from ..config import ALPHA, EPSILON, PREDICTION_TYPES, SIGMA, PixArtConfig, default_pe_interpolation
+from ..errors import PixArtError
+from ..memory import return_freed_memory
+from ..transformer import PixArtTransformer
 
 CONTROLNET_PREFIX = "controlnet."
 BASE_PREFIX = "base_model."

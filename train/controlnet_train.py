@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import V_PREDICTION
-from ..controlnet import ControlNetInfo, PixArtControlNet
-from ..transformer import PixArtTransformer
+from pixart_core.config import V_PREDICTION
+from pixart_core.controlnet import ControlNetInfo, PixArtControlNet
+from pixart_core.transformer import PixArtTransformer
 from .common import LatentPool, TrainSchedule, drop_captions, encode_text, warmup_lr
 from .losses import diffusion_loss
 

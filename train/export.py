@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint_formats import diffusers_to_original_plan
-from ..controlnet import PixArtControlNet
-from ..transformer import PixArtTransformer, sincos_2d_position_embedding
+from pixart_core.loading.checkpoint_formats import diffusers_to_original_plan
+from pixart_core.controlnet import PixArtControlNet
+from pixart_core.transformer import PixArtTransformer, sincos_2d_position_embedding
 
 
 def _contiguous(sd: dict, dtype: torch.dtype | None) -> dict:

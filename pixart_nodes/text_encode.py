@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pixart_core.errors import PixArtError
-from pixart_core.t5_loading import PRECISIONS as T5_PRECISIONS
+from pixart_core.loading.t5_loading import PRECISIONS as T5_PRECISIONS
 from pixart_core.text_encoder import encode_prompts, load_t5
 
 from . import comfy_bridge as bridge

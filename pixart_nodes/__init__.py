@@ -3,6 +3,7 @@
 Every class name starts with PixArtDelta, so no other pack's nodes clash (ComfyUI silently drops a node whose name is
 already taken); class names, input names and widget order never change, so saved workflows keep loading. Display
 names say "PixArt" for nodes that serve every family (α, Σ, δ) and "PixArt-δ" where δ is meant (LCM, ControlNet).
+The package is `pixart_nodes`, not `nodes`: ComfyUI has a top-level nodes.py, and the pack folder is on sys.path.
 """
 
 from .controlnet import PixArtDeltaControlNetApply, PixArtDeltaControlNetLoader, PixArtDeltaHEDPreprocessor

@@ -1,6 +1,6 @@
 """PixArt-nano, the tiny model trained by the project's own recipes: where its files go, and which the loaders offer.
 
-`python -m pixart_core.train.build_nano` writes them to models/nano in the same layouts the loaders read for real
+`python -m train.build_nano` writes them to models/nano in the same layouts the loaders read for real
 PixArt checkpoints, and the ComfyUI loaders then list them after the user's own files. The shipped build lives in the
 repository's models/nano: the CLI falls back to it when the official pipeline is not in the Hugging Face cache.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import PixArtError
+from ..errors import PixArtError
 
-NANO_DIR = Path(__file__).resolve().parents[1] / "models" / "nano"
+NANO_DIR = Path(__file__).resolve().parents[2] / "models" / "nano"
 
 LCM_DIR = "PixArt-nano-LCM"  # diffusers pipeline folder: LCM transformer, T5, tokenizer, VAE, LCMScheduler
 BASE_FILE = "PixArt-nano-base.safetensors"  # the pre-trained teacher, original PixArt key layout
@@ -43,5 +43,5 @@ def nano_pipeline_dir(root: Path | None = None) -> Path:
     folder = (root or NANO_DIR) / LCM_DIR
     if not (folder / "model_index.json").is_file():
         raise PixArtError(f"The bundled PixArt-nano pipeline is missing from {folder}. Restore it from the repository "
-                          "(git checkout -- models/nano) or rebuild it: python -m pixart_core.train.build_nano")
+                          "(git checkout -- models/nano) or rebuild it: python -m train.build_nano")
     return folder

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import PixArtError
+from ..errors import PixArtError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4")
 QUANTISED = ("int8", "nf4")

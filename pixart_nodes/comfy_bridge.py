@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from pixart_core import bundled
+from pixart_core.loading import bundled
 from pixart_core.errors import Interrupted, PixArtError
 from pixart_core.memory import free_memory
 
