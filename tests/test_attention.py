@@ -14,14 +14,7 @@ from pixart_core.loading.checkpoint import load_transformer
 from tests.factories import tiny_diffusers_transformer, write_all_layouts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and on a shared, busy CPU two OpenMP threads wait on each other for
-    every small op (measured: this file 408 s with 2 threads under load, 16 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared CPU
 
 
 def naive_attention(q, k, v, mask=None):
