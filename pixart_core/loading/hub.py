@@ -1,6 +1,7 @@
 """Find the official PixArt-δ LCM pipeline in the Hugging Face cache, downloading it only when asked and online.
 
-This is the ONLY module of the project that may touch the network, and only when no local model path was given.
+This is the ONLY module of the project that may touch the network, and only when `--model official` (or
+resolve_official_lcm) asks for the official pipeline; with no model named, only the cache is read (default_pipeline).
 It goes through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE), so a model fetched once by any tool is reused.
 
 Order of attempts, each failing fast:
