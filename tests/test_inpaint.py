@@ -25,6 +25,7 @@ from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.schedule import ddpm_schedule
 from pixart_core.step_cache import step_cache_options
 from tests.factories import tiny_diffusers_transformer
+from tests.test_workflows import env as workflow_env  # noqa: F401  (the stand-in ComfyUI folders and tiny models)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared CPU
 
@@ -264,3 +265,27 @@ def test_cli_init_image_and_mask(tmp_path, capsys, monkeypatch):
     assert "error: Cannot read the mask" in err and err.count("error:") == 1 and "Traceback" not in err
     assert cli.main(["generate", "x", "-o", str(tmp_path / "x.png"), "--mask", str(tmp_path / "mask.png")]) == 2
     assert "give --init-image too" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the example workflow
+def test_inpaint_workflow_repaints_only_the_masked_latent(workflow_env, monkeypatch):
+    """Load Image's MASK -> Set Latent Noise Mask -> our sampler node: the mask reaches the core and is honoured."""
+    from pixart_nodes import sampling
+    from tests import comfy_harness as harness
+    from tests.test_workflows import CLASSES, WORKFLOWS, load, shrink
+
+    seen = []
+    core = sampling.sample_batch
+
+    def spy(*args, **kwargs):
+        out = core(*args, **kwargs)
+        seen.append((kwargs["init_latent"], kwargs["noise_mask"], out))
+        return out
+
+    monkeypatch.setattr(sampling, "sample_batch", spy)
+    harness.Executor(CLASSES).run(shrink(load(WORKFLOWS / "api" / "pixart_alpha_inpaint.json")))
+    ((init, noise_mask, out),) = seen
+    keep = (prepare_mask(noise_mask, out.shape) == 0).expand_as(out)
+    assert keep.any() and not keep.all()
+    assert torch.equal(out[keep], init.expand_as(out)[keep])
+    assert (out[~keep] - init.expand_as(out)[~keep]).abs().mean() > 0.1
