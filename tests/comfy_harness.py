@@ -128,10 +128,25 @@ class LatentUpscaleBy:
         return (s,)
 
 
+class SetLatentNoiseMask:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "set_mask"
+    CATEGORY = "latent/inpaint"
+
+    def set_mask(self, samples, mask):
+        s = dict(samples)
+        s["noise_mask"] = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+        return (s,)
+
+
 NATIVE_NODES = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage,
-                "LatentUpscaleBy": LatentUpscaleBy}
+                "LatentUpscaleBy": LatentUpscaleBy, "SetLatentNoiseMask": SetLatentNoiseMask}
 NATIVE_DISPLAY_NAMES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image",
-                        "LatentUpscaleBy": "Upscale Latent By"}
+                        "LatentUpscaleBy": "Upscale Latent By", "SetLatentNoiseMask": "Set Latent Noise Mask"}
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -451,9 +466,11 @@ def write_tiny_models(root: Path) -> Path:
 
 
 def example_input(input_dir: Path, name: str, size: int) -> Path:
-    """The workflows' example picture, shrunk for fast tests, under the name the workflows load."""
+    """A workflows' example picture, shrunk for fast tests, under the name the workflows load (its alpha, the
+    inpainting mask, kept)."""
     sys_path_root = Path(__file__).resolve().parents[1]
-    image = Image.open(sys_path_root / "workflows" / "input" / name).convert("RGB").resize((size, size))
+    image = Image.open(sys_path_root / "workflows" / "input" / name)
+    image = image.convert("RGBA" if "A" in image.getbands() else "RGB").resize((size, size))
     input_dir.mkdir(parents=True, exist_ok=True)
     image.save(input_dir / name)
     return input_dir / name

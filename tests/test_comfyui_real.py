@@ -142,6 +142,7 @@ def server(tmp_path_factory):
     for d in ("input", "output", "temp", "user"):
         (base / d).mkdir()
     harness.example_input(base / "input", build.EXAMPLE_IMAGE, 64)
+    harness.example_input(base / "input", build.INPAINT_IMAGE, 64)
     port = free_port()
     log_path = base / "comfyui.log"
     log = open(log_path, "w")
