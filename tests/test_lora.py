@@ -102,7 +102,8 @@ def _diffusers_file(sd, config, folder):
 def _peft_folder(sd, config, folder):
     """As diffusers' PixArt training script saves it (PEFT save_pretrained): base_model.model.<key> in
     adapter_model.safetensors, alpha in adapter_config.json beside it."""
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()}, str(folder / "adapter_model.safetensors"))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in sd.items()},
+              str(folder / "adapter_model.safetensors"))
     config.save_pretrained(str(folder))
     return folder / "adapter_model.safetensors"
 
@@ -301,3 +302,50 @@ def test_unmatched_keys_are_listed_in_one_warning(ours, caplog):
     assert len(warnings) == 1
     assert all(k in warnings[0] for k in ("transformer.not_a_layer", "pos_embed.proj.lora_A", "note"))
     assert "attn1.to_q" not in warnings[0]
+
+
+# ----------------------------------------------------------------------------------------------- the node
+def test_node_returns_a_new_model_and_leaves_the_cached_base_alone(tmp_path):
+    """ComfyUI caches the loader's output for every branch that uses it: Load LoRA returns a new model value, the
+    sampler adds the LoRA only while it runs, so the base branch samples the base before and after; strength 0 is the
+    base bit for bit, and another strength re-runs only the LoRA node (the file is read once)."""
+    from pixart_nodes import comfy_bridge as bridge
+    from pixart_nodes import model_cache
+    from pixart_nodes.lora_loader import PixArtDeltaLoraLoader
+    from pixart_nodes.sampling import PixArtDeltaSampler
+    from pixart_nodes.sockets import Conditioning
+    from pixart_nodes.transformer_loader import PixArtDeltaTransformerLoader
+    from tests import comfy_harness as harness
+
+    models = harness.write_tiny_models(tmp_path / "models")
+    bridge.set_models_root(models)
+    try:
+        lora_name = harness.TINY_FILES["lora"].split("/", 1)[1]
+        assert lora_name in PixArtDeltaLoraLoader.INPUT_TYPES()["required"]["lora_name"][0]
+        base, _ = PixArtDeltaTransformerLoader().load(harness.TINY_FILES["sigma"].split("/", 1)[1], "fp32", "auto",
+                                                      "auto", "auto")
+        g = torch.Generator().manual_seed(0)
+        embeds = torch.randn(1, 8, harness.TINY_CAPTION, generator=g)
+        cond = Conditioning(embeds, torch.ones(1, 8), torch.zeros_like(embeds), torch.ones(1, 8), 8)
+
+        def sample(model):
+            latent = {"samples": torch.zeros(1, 4, 8, 8)}
+            return PixArtDeltaSampler().sample(model, cond, latent, 1, 2, 1.0, "euler", 1.0)[0]["samples"]
+
+        before = sample(base)
+        loads = model_cache.LORAS.loads
+        (with_lora,) = PixArtDeltaLoraLoader().apply(base, lora_name, 0.8)
+        (stacked,) = PixArtDeltaLoraLoader().apply(with_lora, lora_name, -0.8)  # stacks: cancels the first
+        (zero,) = PixArtDeltaLoraLoader().apply(base, lora_name, 0.0)
+        assert model_cache.LORAS.loads == loads + 1
+        assert base.loras == () and len(stacked.loras) == 2 and with_lora.module is base.module
+        changed = sample(with_lora)
+        scale = before.abs().max()  # raw latents after two Euler steps from sigma_max: ~1e3
+        assert (changed - before).abs().max() > 1e-3 * scale
+        assert (sample(stacked) - before).abs().max() <= TOL * scale  # +0.8 - 0.8: rounding only
+        assert torch.equal(sample(zero), before)
+        assert torch.equal(sample(base), before)
+        assert not any(isinstance(m, LoraLinear) for m in base.module.modules())
+    finally:
+        bridge.set_models_root(None)
+        model_cache.clear_all()
