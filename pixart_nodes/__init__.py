@@ -33,7 +33,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PixArtDeltaTransformerLoader": "PixArt Load Transformer",
-    "PixArtDeltaLoraLoader": "Load LoRA (PixArt)",
+    "PixArtDeltaLoraLoader": "PixArt Load LoRA",
     "PixArtDeltaT5Loader": "PixArt Load T5 Encoder",
     "PixArtDeltaT5TextEncode": "PixArt T5 Text Encode",
     "PixArtDeltaResolutionSelect": "PixArt Resolution",

@@ -389,7 +389,7 @@ def inpaint() -> Workflow:
 
 
 def sigma_lora() -> Workflow:
-    wf = Workflow("pixart_sigma_lora", "PixArt-Σ 1024 with a LoRA (Load LoRA (PixArt), strength 0.8)")
+    wf = Workflow("pixart_sigma_lora", "PixArt-Σ 1024 with a LoRA (PixArt Load LoRA, strength 0.8)")
     base = wf.add("PixArtDeltaTransformerLoader", model_name=SIGMA_1024)
     model = wf.add("PixArtDeltaLoraLoader", model=base[0], lora_name=LORA, strength=0.8)
     t5 = wf.add("PixArtDeltaT5Loader", t5_name=T5, precision="bf16")
@@ -399,8 +399,9 @@ def sigma_lora() -> Workflow:
     latent = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
                     latent=empty[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)
     _decode_and_save(wf, latent[0], SDXL_VAE, "PixArt-sigma-LoRA")
-    wf.note(f"A PixArt-Σ LoRA (diffusers, PEFT or kohya .safetensors) at strength 0.8; chain more Load LoRA nodes to "
-            f"stack LoRAs. Pick your own LoRA in the node.\nmodels/loras/{LORA}\nmodels/diffusion_models/{SIGMA_1024}\n"
+    wf.note(f"A PixArt-Σ LoRA (diffusers, PEFT or kohya .safetensors) at strength 0.8; chain PixArt Load LoRA nodes "
+            f"to stack LoRAs. Pick your own LoRA in the node.\nmodels/loras/{LORA}\n"
+            f"models/diffusion_models/{SIGMA_1024}\n"
             f"models/text_encoders/{T5}\nmodels/vae/{SDXL_VAE}")
     return wf
 
