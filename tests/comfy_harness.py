@@ -467,7 +467,7 @@ def write_tiny_models(root: Path) -> Path:
     return root
 
 
-def _tiny_lora(depth: int, seed: int, rank: int = 4) -> dict:
+def _tiny_lora(depth: int, seed: int, rank: int = 4, scale: float = 0.05) -> dict:
     """A LoRA for the tiny transformers as diffusers' save_lora_weights names it (transformer.<diffusers key>)."""
     from tests.factories import TINY_WIDTH
 
@@ -477,8 +477,8 @@ def _tiny_lora(depth: int, seed: int, rank: int = 4) -> dict:
         for layer in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "ff.net.2"):
             fan_in = 4 * TINY_WIDTH if layer == "ff.net.2" else TINY_WIDTH
             name = f"transformer.transformer_blocks.{i}.{layer}"
-            out[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.05
-            out[f"{name}.lora_B.weight"] = torch.randn(TINY_WIDTH, rank, generator=g) * 0.05
+            out[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * scale
+            out[f"{name}.lora_B.weight"] = torch.randn(TINY_WIDTH, rank, generator=g) * scale
     return out
 
 
