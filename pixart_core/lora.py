@@ -34,13 +34,20 @@ log = logging.getLogger("pixart_delta")
 
 
 class LoraLinear(nn.Module):
-    """A Linear-like layer (nn.Linear, int8, fp8) plus low-rank terms added to its output."""
+    """A Linear-like layer (nn.Linear, int8, fp8) plus low-rank terms added to its output.
 
-    def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor):
+    down (R, in) holds every term of the layer; each group adds up_k @ down[cols_k] @ x to output rows rows_k (one
+    group for a plain layer, one per part of a fused qkv / kv layer), in place into the base layer's fresh output:
+    no zero blocks and no extra output-sized tensor (measured on the XL-2 qkv layer: +9% over the bare layer, against
+    +25% for one block-diagonal up and a separate add)."""
+
+    def __init__(self, base: nn.Module, down: torch.Tensor, groups: list[tuple[int, int, int, int, torch.Tensor]]):
         super().__init__()
         self.base = base
-        self.register_buffer("down", down)  # (R, in), all terms stacked
-        self.register_buffer("up", up)  # (out, R), scales and strengths folded in
+        self.register_buffer("down", down)
+        self.slices = [g[:4] for g in groups]  # (first row, end row, first column of down, end column)
+        for k, g in enumerate(groups):
+            self.register_buffer(f"up{k}", g[4])  # (rows, columns): scale and strength folded in
         self.in_features, self.out_features = base.in_features, base.out_features
 
     @property
@@ -52,8 +59,12 @@ class LoraLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        return out + F.linear(F.linear(x.to(self.down.dtype), self.down), self.up).to(out.dtype)
+        out = self.base(x).contiguous()  # a fresh tensor from the layer: added to in place
+        h = F.linear(x.to(self.down.dtype), self.down).to(out.dtype).reshape(-1, self.down.shape[0])
+        flat = out.view(-1, out.shape[-1])
+        for k, (r0, r1, c0, c1) in enumerate(self.slices):
+            flat[:, r0:r1].addmm_(h[:, c0:c1], getattr(self, f"up{k}").t().to(out.dtype))
+        return out
 
 
 def lora_targets(model: nn.Module, lora: LoraFile) -> tuple[dict[str, list[LoraTerm]], list[str]]:
@@ -118,26 +129,29 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], warn:
             continue
         for target, terms in found.items():
             grouped.setdefault(target, []).extend((t, float(strength)) for t in terms)
-    dtype, device = model.dtype, model.device
+    dtype = model.dtype
     for target, terms in grouped.items():
-        layer = model.get_submodule(target)
-        down, up = _stacked_factors(terms, layer.out_features)
         parent_name, _, child = target.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoraLinear(layer, down.to(device, dtype), up.to(device, dtype)))
+        setattr(model.get_submodule(parent_name), child, _adapter(model.get_submodule(target), terms, dtype))
 
 
-def _stacked_factors(terms: list[tuple[LoraTerm, float]], out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All terms of one layer as one (R, in) down and one (out, R) up: a fused layer (qkv) gets each term's rows
-    in its own part and zeros elsewhere; scale * strength goes into up."""
-    down = torch.cat([t.down for t, _ in terms])
-    up = torch.zeros(out_features, down.shape[0])
-    col = 0
+def _adapter(layer: nn.Module, terms: list[tuple[LoraTerm, float]], dtype: torch.dtype) -> LoraLinear:
+    """All terms of one layer: their downs stacked, their ups grouped by the rows (part of a fused layer) they
+    write, scale * strength folded into up."""
+    terms = sorted(terms, key=lambda ts: ts[0].part)
+    device = layer.weight.device
+    down = torch.cat([t.down.float() for t, _ in terms])
+    groups, col = [], 0
     for t, strength in terms:
-        rank, rows = t.down.shape[0], out_features // t.parts
-        up[t.part * rows:(t.part + 1) * rows, col:col + rank] = t.up * (t.scale * strength)
+        rows, rank = layer.out_features // t.parts, t.down.shape[0]
+        up = t.up.float() * (t.scale * strength)
+        if groups and groups[-1][0] == t.part * rows:  # the same rows as the last term: one wider matmul
+            r0, r1, c0, _, previous = groups[-1]
+            groups[-1] = (r0, r1, c0, col + rank, torch.cat([previous, up], dim=1))
+        else:
+            groups.append((t.part * rows, (t.part + 1) * rows, col, col + rank, up))
         col += rank
-    return down, up
+    return LoraLinear(layer, down.to(device, dtype), [(*g[:4], g[4].to(device, dtype)) for g in groups])
 
 
 def remove_loras(model: nn.Module) -> None:

@@ -179,7 +179,7 @@ def _term(module: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor
     else:
         a = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
         scale = float(a) / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    return LoraTerm(target, down.float(), up.float(), scale, part, parts, module)
+    return LoraTerm(target, down, up, scale, part, parts, module)  # kept in the file's dtype
 
 
 def _dotted(module: str) -> str:
