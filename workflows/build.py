@@ -401,8 +401,7 @@ def sigma_lora() -> Workflow:
     _decode_and_save(wf, latent[0], SDXL_VAE, "PixArt-sigma-LoRA")
     wf.note(f"A PixArt-Σ LoRA (diffusers, PEFT or kohya .safetensors) at strength 0.8; chain PixArt Load LoRA nodes "
             f"to stack LoRAs. Pick your own LoRA in the node.\nmodels/loras/{LORA}\n"
-            f"models/diffusion_models/{SIGMA_1024}\n"
-            f"models/text_encoders/{T5}\nmodels/vae/{SDXL_VAE}")
+            f"models/diffusion_models/{SIGMA_1024}\nmodels/text_encoders/{T5}\nmodels/vae/{SDXL_VAE}")
     return wf
 
 
