@@ -88,6 +88,12 @@ def _diff(a, b) -> float:
     return float((a - b).abs().max())
 
 
+def _pair(module, rank=4, rank_up=None, width=144, out=None, names=("lora_down.weight", "lora_up.weight")):
+    g = torch.Generator().manual_seed(0)
+    return {f"{module}.{names[0]}": torch.randn(rank, width, generator=g),
+            f"{module}.{names[1]}": torch.randn(out or width, rank_up or rank, generator=g)}
+
+
 # ----------------------------------------------------------------------------------------------- file formats
 def _diffusers_file(sd, config, folder):
     """As diffusers' save_lora_weights writes it: transformer.<key>, the LoraConfig in the safetensors metadata."""
@@ -162,6 +168,23 @@ def test_kohya_names_map_to_the_same_tensors(prefix, ours, peft_full, tmp_path):
         assert torch.equal(a[key][0], b[key][0]) and torch.equal(a[key][1], b[key][1]) and a[key][2] == b[key][2]
     with loras_applied(ours, [(kohya, 1.0)]):
         assert _diff(_mine(ours), _theirs(model)) <= TOL
+
+
+def test_original_layer_names_and_adapter_suffixes(ours):
+    """Files on the original PixArt names (ComfyUI's generic diffusion_model.<key>, kohya's lora_unet_<key>) name our
+    layers directly: a LoRA on the fused qkv is one term over all its rows."""
+    state = {**_pair("diffusion_model.blocks.0.attn.qkv", out=3 * 144), **_pair("model.diffusion_model.t_block.1"),
+             **_pair("lora_unet_blocks_1_cross_attn_q_linear"), **_pair("lora_unet_y_embedder_y_proj_fc2"),
+             **_pair("transformer.transformer_blocks.0.attn2.to_k",
+                     names=("lora_A.default.weight", "lora_B.default.weight"))}  # PEFT with its adapter name
+    lora = parse_lora(state, "names.safetensors")
+    got = {(t.target, t.part, t.parts) for t in lora.terms}
+    assert got == {("blocks.0.attn.qkv", 0, 1), ("blocks.1.cross_attn.q_linear", 0, 1),
+                   ("y_embedder.y_proj.fc2", 0, 1), ("t_block.1", 0, 1), ("blocks.0.cross_attn.kv_linear", 0, 2)}
+    assert not lora.ignored
+    base = _mine(ours)
+    with loras_applied(ours, [(lora, 0.01)]):
+        assert 0 < _diff(_mine(ours), base) < float("inf")
 
 
 # ----------------------------------------------------------------------------------------------- strength, stacking
@@ -244,12 +267,6 @@ def test_int8_layers_take_the_lora(tmp_path, peft_full):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def _pair(module, rank=4, rank_up=None, width=144):
-    g = torch.Generator().manual_seed(0)
-    return {f"{module}.lora_down.weight": torch.randn(rank, width, generator=g),
-            f"{module}.lora_up.weight": torch.randn(width, rank_up or rank, generator=g)}
-
-
 def test_lora_for_another_model_is_refused_naming_it(tmp_path):
     sdxl = _pair("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", width=640)
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))

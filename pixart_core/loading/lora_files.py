@@ -38,10 +38,12 @@ _UNDERSCORED = sorted((
     "transformer_blocks", "adaln_single", "timestep_embedder", "resolution_embedder", "aspect_ratio_embedder",
     "caption_projection", "linear_1", "linear_2", "to_q", "to_k", "to_v", "to_out", "proj_out", "pos_embed",
     "x_embedder", "t_embedder", "y_embedder", "y_proj", "t_block", "csize_embedder", "ar_embedder", "final_layer",
-    "q_linear", "kv_linear"), key=len, reverse=True)
+    "q_linear", "kv_linear", "cross_attn"), key=len, reverse=True)
 _PAIR = re.compile(r"^(.*)\.(lora_A|lora_B|lora_down|lora_up)(?:\.[\w-]+)?\.weight$")
-_OTHER_TYPES = {"hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", "lora_magnitude_vector": "DoRA",
-                "dora_scale": "DoRA", "lora_mid": "LoCon with a Tucker mid weight", ".diff": "full weight difference"}
+# Adapter types other than LoRA, by the name that follows the layer name in their keys.
+_OTHER_TYPES = {"hada": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)", "lora_magnitude_vector": "DoRA",
+                "dora_scale": "DoRA", "lora_mid": "LoCon with a Tucker mid weight", "diff": "full weight difference"}
+_OTHER_TYPE_KEY = re.compile(r"\.(hada|lokr)_\w+$|\.(lora_magnitude_vector|dora_scale|lora_mid|diff)(_b)?(\.|$)")
 # Key fragments that only other models have, and what the file then is.
 _FOREIGN = (
     (("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "down_blocks.", "up_blocks.",
@@ -153,10 +155,11 @@ def parse_lora(state: dict[str, torch.Tensor], name: str, config: dict | None = 
 
 
 def _refuse_foreign(keys: list[str], name: str) -> None:
-    for fragment, kind in _OTHER_TYPES.items():
-        if any(fragment in k for k in keys):
-            raise PixArtError(f"{name} is a {kind} adapter, which this loader does not support; use a plain LoRA "
-                              "(lora_A/lora_B or lora_down/lora_up weights).")
+    for k in keys:
+        m = _OTHER_TYPE_KEY.search(k)
+        if m:
+            raise PixArtError(f"{name} is a {_OTHER_TYPES[m.group(1) or m.group(2)]} adapter, which this loader does "
+                              "not support; use a plain LoRA (lora_A/lora_B or lora_down/lora_up weights).")
     for fragments, what in _FOREIGN:
         if any(f in k for k in keys for f in fragments):
             raise PixArtError(f"{name} is {what}, not a PixArt LoRA; load it with the nodes of that model.")
