@@ -174,7 +174,8 @@ def test_original_layer_names_and_adapter_suffixes(ours):
     """Files on the original PixArt names (ComfyUI's generic diffusion_model.<key>, kohya's lora_unet_<key>) name our
     layers directly: a LoRA on the fused qkv is one term over all its rows."""
     state = {**_pair("diffusion_model.blocks.0.attn.qkv", out=3 * 144),
-             **_pair("model.diffusion_model.t_block.1", out=6 * 144), **_pair("lora_unet_blocks_1_cross_attn_q_linear"), **_pair("lora_unet_y_embedder_y_proj_fc2"),
+             **_pair("model.diffusion_model.t_block.1", out=6 * 144), **_pair("lora_unet_blocks_1_cross_attn_q_linear"),
+             **_pair("lora_unet_y_embedder_y_proj_fc2"),
              **_pair("transformer.transformer_blocks.0.attn2.to_k",
                      names=("lora_A.default.weight", "lora_B.default.weight"))}  # PEFT with its adapter name
     lora = parse_lora(state, "names.safetensors")
