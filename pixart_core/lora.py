@@ -138,18 +138,22 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], warn:
 def _adapter(layer: nn.Module, terms: list[tuple[LoraTerm, float]], dtype: torch.dtype) -> LoraLinear:
     """All terms of one layer: their downs stacked, their ups grouped by the rows (part of a fused layer) they
     write, scale * strength folded into up."""
-    terms = sorted(terms, key=lambda ts: ts[0].part)
+    def rows(term: LoraTerm) -> tuple[int, int]:
+        size = layer.out_features // term.parts
+        return term.part * size, (term.part + 1) * size
+
+    terms = sorted(terms, key=lambda ts: rows(ts[0]))
     device = layer.weight.device
     down = torch.cat([t.down.float() for t, _ in terms])
     groups, col = [], 0
     for t, strength in terms:
-        rows, rank = layer.out_features // t.parts, t.down.shape[0]
+        (r0, r1), rank = rows(t), t.down.shape[0]
         up = t.up.float() * (t.scale * strength)
-        if groups and groups[-1][0] == t.part * rows:  # the same rows as the last term: one wider matmul
-            r0, r1, c0, _, previous = groups[-1]
+        if groups and groups[-1][:2] == (r0, r1):  # the same rows as the last term: one wider matmul
+            c0, previous = groups[-1][2], groups[-1][4]
             groups[-1] = (r0, r1, c0, col + rank, torch.cat([previous, up], dim=1))
         else:
-            groups.append((t.part * rows, (t.part + 1) * rows, col, col + rank, up))
+            groups.append((r0, r1, col, col + rank, up))
         col += rank
     return LoraLinear(layer, down.to(device, dtype), [(*g[:4], g[4].to(device, dtype)) for g in groups])
 

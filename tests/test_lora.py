@@ -188,6 +188,24 @@ def test_original_layer_names_and_adapter_suffixes(ours):
         assert 0 < _diff(_mine(ours), base) < float("inf")
 
 
+def test_terms_on_rows_of_one_fused_layer_add_up(ours):
+    """A LoRA on the whole fused qkv (original names) stacked with one on to_q (diffusers names): each term writes
+    its own rows of the same layer, as the explicit sum says."""
+    whole = parse_lora(_pair("diffusion_model.blocks.0.attn.qkv", out=3 * 144), "whole")
+    q = parse_lora(_pair("transformer.transformer_blocks.0.attn1.to_q", rank=2), "q")
+    x = torch.randn(1, 5, 144, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours.blocks[0].attn.qkv(x)
+        for lora, strength in ((whole, 0.5), (q, -2.0)):
+            t = lora.terms[0]
+            delta = x @ t.down.T @ t.up.T * (t.scale * strength)
+            expected[..., : delta.shape[-1]] += delta
+        with loras_applied(ours, [(whole, 0.5), (q, -2.0)]):
+            got = ours.blocks[0].attn.qkv(x)
+    assert _diff(got, expected) <= TOL * expected.abs().max()
+    assert _diff(got, ours.blocks[0].attn.qkv(x)) > 1
+
+
 # ----------------------------------------------------------------------------------------------- strength, stacking
 def test_strength_zero_is_the_base_bit_for_bit(ours, peft_full):
     _, _, sd = peft_full
