@@ -58,6 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="step caching for multi-step samplers (faster, slightly different image): Δ-DiT reuses "
                           "block work on every second step, T-GATE freezes cross-attention and drops CFG for the "
                           "second half of the steps")
+    gen.add_argument("--lora", action="append", default=[], type=_lora_argument, metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA (diffusers, PEFT or kohya .safetensors) with a strength (default 1); repeat "
+                          "to stack several")
     gen.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="transformer precision")
     gen.add_argument("--t5-precision", choices=["fp32", "bf16", "fp16", "int8", "nf4"], default="bf16")
     gen.add_argument("--vae-dtype", choices=list(DTYPES), default="fp32")
@@ -67,6 +70,15 @@ def _build_parser() -> argparse.ArgumentParser:
     desc = sub.add_parser("describe", help="what a transformer checkpoint is, without loading its weights")
     desc.add_argument("path")
     return parser
+
+
+def _lora_argument(text: str) -> tuple[str, float]:
+    """FILE or FILE:STRENGTH (the last ':' counts only when a number follows, so C:\\ paths work)."""
+    path, _, strength = text.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -125,6 +137,11 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=getattr(torch, DTYPES[args.dtype]), t5_precision=args.t5_precision,
         vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), device=args.device,
     )
+    if args.lora:
+        from .loading.lora_files import load_lora
+        from .lora import apply_loras
+
+        apply_loras(pipe.transformer, [(load_lora(path), strength) for path, strength in args.lora])
     print(f"loaded models in {time.perf_counter() - t0:.1f} s; sampler {args.sampler or pipe.default_sampler}",
           file=sys.stderr)
 

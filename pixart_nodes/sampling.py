@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from pixart_core.lora import loras_applied
 from pixart_core.pipeline import sample_batch
 from pixart_core.step_cache import MODES as STEP_CACHE_MODES
 from pixart_core.step_cache import step_cache_options
@@ -51,13 +52,15 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
     cache = step_cache_options(OLD_STEP_CACHES.get(step_cache, step_cache))  # checked before models are loaded
     bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
     progress = bridge.sampling_progress(model.config.family, model.module.device)
-    latents = sample_batch(
-        model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
-        negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
-        init_latent=init, noise_mask=noise_mask, controls=[c.core() for c in control or ()], sampler=sampler,
-        steps=steps, guidance_scale=guidance, denoise=denoise, step_cache=cache, interrupt=bridge.check_interrupted,
-        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-        free_memory=bridge.free_cached_memory)
+    with loras_applied(model.module, model.loras):  # LoRAs only while sampling: the cached module stays the base
+        latents = sample_batch(
+            model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
+            negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
+            init_latent=init, noise_mask=noise_mask, controls=[c.core() for c in control or ()], sampler=sampler,
+            steps=steps, guidance_scale=guidance, denoise=denoise, step_cache=cache,
+            interrupt=bridge.check_interrupted,
+            callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
+            free_memory=bridge.free_cached_memory)
     out = dict(latent or {})  # as ComfyUI's KSampler: the mask stays on the latent for a second pass
     out["samples"] = scaled_to_raw(latents, scale).to(bridge.intermediate_device())
     return out

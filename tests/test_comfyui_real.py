@@ -136,7 +136,7 @@ def server(tmp_path_factory):
         "pixart_delta_test:\n"
         f"  base_path: {models}\n"
         "  diffusion_models: diffusion_models\n  checkpoints: checkpoints\n  text_encoders: text_encoders\n"
-        "  vae: vae\n  controlnet: controlnet\n"
+        "  vae: vae\n  controlnet: controlnet\n  loras: loras\n"
         + custom_nodes_line
     )
     for d in ("input", "output", "temp", "user"):

@@ -41,6 +41,7 @@ EXPECTED = {
     "pixart_sigma_low_memory_int8": {"SaveImage": (256, 256)},
     "pixart_alpha_img2img": {"SaveImage": (64, 64)},
     "pixart_alpha_inpaint": {"SaveImage": (64, 64)},
+    "pixart_sigma_lora": {"SaveImage": (256, 256)},
 }
 
 

@@ -37,6 +37,7 @@ HED = "ControlNetHED.pth"
 T5 = "t5xxl_fp16.safetensors"
 SD_VAE = "sd-vae-ft-ema.safetensors"
 SDXL_VAE = "sdxl_vae.safetensors"
+LORA = "PixArt-Sigma-example-lora.safetensors"  # stands for any PixArt-Σ LoRA in models/loras
 
 # PixArt-nano, which ships with the pack (pixart_core/loading/bundled.py names it in the loaders' lists)
 NANO_LCM = "PixArt-nano-LCM (bundled)"
@@ -387,6 +388,23 @@ def inpaint() -> Workflow:
     return wf
 
 
+def sigma_lora() -> Workflow:
+    wf = Workflow("pixart_sigma_lora", "PixArt-Σ 1024 with a LoRA (PixArt Load LoRA, strength 0.8)")
+    base = wf.add("PixArtDeltaTransformerLoader", model_name=SIGMA_1024)
+    model = wf.add("PixArtDeltaLoraLoader", model=base[0], lora_name=LORA, strength=0.8)
+    t5 = wf.add("PixArtDeltaT5Loader", t5_name=T5, precision="bf16")
+    cond = wf.add("PixArtDeltaT5TextEncode", t5=t5[0], model=model[0], prompt=PROMPT, negative_prompt="")
+    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1:1")
+    empty = wf.add("PixArtDeltaEmptyLatent", width=size[0], height=size[1], batch_size=1)
+    latent = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
+                    latent=empty[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)
+    _decode_and_save(wf, latent[0], SDXL_VAE, "PixArt-sigma-LoRA")
+    wf.note(f"A PixArt-Σ LoRA (diffusers, PEFT or kohya .safetensors) at strength 0.8; chain PixArt Load LoRA nodes "
+            f"to stack LoRAs. Pick your own LoRA in the node.\nmodels/loras/{LORA}\n"
+            f"models/diffusion_models/{SIGMA_1024}\nmodels/text_encoders/{T5}\nmodels/vae/{SDXL_VAE}")
+    return wf
+
+
 def nano_lcm() -> Workflow:
     wf = Workflow("pixart_nano_lcm", "PixArt-nano (ships with the pack): LCM 4 steps at 64 px, seconds on a CPU")
     model = wf.add("PixArtDeltaTransformerLoader", model_name=NANO_LCM, precision="fp32")
@@ -403,7 +421,7 @@ def nano_lcm() -> Workflow:
 
 
 WORKFLOWS = (nano_lcm, lcm_text_to_image, alpha_dpm, sigma_2k_to_4k, controlnet_hed_lcm, low_memory, img2img,
-             inpaint)
+             inpaint, sigma_lora)
 
 
 def all_workflows() -> list[Workflow]:
