@@ -125,7 +125,7 @@ def run_and_measure(prompt: dict, name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ saved before issue #20
 OLD_COMMIT = "3d3ec73"  # the workflows as users saved them before display names, step-cache spelling and W:H labels
-OLD_NAMES = sorted(set(NAMES) - {"pixart_nano_lcm", "pixart_alpha_inpaint"})  # these came after that commit
+OLD_NAMES = sorted(set(NAMES) - {"pixart_nano_lcm", "pixart_alpha_inpaint", "pixart_sigma_lora"})  # newer than that commit
 
 
 def old_file(rel: str) -> dict:
