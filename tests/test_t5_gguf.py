@@ -3,7 +3,7 @@
 The oracle is the transformers T5EncoderModel the file was written from. Names come from the gguf package's own
 transformers -> llama.cpp map (gguf.get_tensor_name_map for MODEL_ARCH.T5ENCODER), metadata as llama.cpp's
 convert_hf_to_gguf.py T5EncoderModel.set_gguf_parameters writes it. F32/F16/BF16/Q8_0/Q5_x/Q4_x are written with
-gguf.quants.quantize; the gguf package has no K-quant quantiser (only dequantisers), so Q6_K and Q4_K blocks are
+gguf.quants.quantize; the gguf package has no K-quant quantiser (only dequantisers), so Q6_K, Q5_K and Q4_K blocks are
 packed here by a plain quantiser written from ggml's block layouts (a wrong layout would fail the accuracy checks).
 """
 
@@ -32,6 +32,7 @@ PROMPTS = ["A small cactus with a happy face in the Sahara desert", "two red app
 LENGTH = 32
 # Q4_K_M in llama.cpp keeps some attn_v / ffn_down in Q6_K; the mix here does the same for all of them
 Q4_K_M = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "": "Q4_K"}
+Q5_K_M = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "": "Q5_K"}
 
 
 def tiny_config():
@@ -63,23 +64,38 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def quantise_q4_k(rows: np.ndarray) -> np.ndarray:
-    """Blocks of 256 = 8 sub-blocks of 32: x = d * sc_j * q - dmin * m_j, q in 0..15, sc/m 6-bit; 144 bytes."""
+def _k_scales_and_mins(rows: np.ndarray, levels: int):
+    """Q4_K/Q5_K: blocks of 256 = 8 sub-blocks of 32, x = d * sc_j * q - dmin * m_j with q in 0..levels, 6-bit
+    sc/m packed in 12 bytes; returns (d, dmin, packed scales, q)."""
     x = rows.reshape(-1, 8, 32).astype(np.float32)
     lo, hi = np.minimum(x.min(-1), 0), x.max(-1)
-    scale, offset = (hi - lo) / 15, -lo
+    scale, offset = (hi - lo) / levels, -lo
     d = _f16(scale.max(-1, keepdims=True) / 63)
     dmin = _f16(offset.max(-1, keepdims=True) / 63)
     sc = np.round(scale / np.where(d == 0, 1, d).astype(np.float32)).clip(0, 63).astype(np.uint8)
     m = np.round(offset / np.where(dmin == 0, 1, dmin).astype(np.float32)).clip(0, 63).astype(np.uint8)
     step = (d.astype(np.float32) * sc)[..., None]
-    q = np.round((x + (dmin.astype(np.float32) * m)[..., None]) / np.where(step == 0, 1, step)).clip(0, 15)
-    q = q.astype(np.uint8)
+    q = np.round((x + (dmin.astype(np.float32) * m)[..., None]) / np.where(step == 0, 1, step)).clip(0, levels)
     scales = np.concatenate([(sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6), (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6),
                              (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=-1)
-    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # byte [g, j] = q[2g][j] | q[2g+1][j] << 4
-    out = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, qs], axis=-1)
-    return out.reshape(rows.shape[0], -1)
+    return d.view(np.uint8), dmin.view(np.uint8), scales, q.astype(np.uint8)
+
+
+def _low_nibbles(q: np.ndarray) -> np.ndarray:
+    return ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).reshape(len(q), 128)  # byte [g, j]: sub-blocks 2g, 2g+1
+
+
+def quantise_q4_k(rows: np.ndarray) -> np.ndarray:
+    """144-byte blocks: d, dmin (fp16), 12 bytes of scales, 128 bytes of 4-bit codes."""
+    d, dmin, scales, q = _k_scales_and_mins(rows, 15)
+    return np.concatenate([d, dmin, scales, _low_nibbles(q)], axis=-1).reshape(rows.shape[0], -1)
+
+
+def quantise_q5_k(rows: np.ndarray) -> np.ndarray:
+    """176-byte blocks: as Q4_K plus 32 bytes holding each code's fifth bit (bit j of byte i: sub-block j, value i)."""
+    d, dmin, scales, q = _k_scales_and_mins(rows, 31)
+    qh = sum((q[:, j] >> 4) << j for j in range(8)).astype(np.uint8)
+    return np.concatenate([d, dmin, scales, qh, _low_nibbles(q)], axis=-1).reshape(rows.shape[0], -1)
 
 
 def quantise_q6_k(rows: np.ndarray) -> np.ndarray:
@@ -98,7 +114,7 @@ def quantise_q6_k(rows: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-K_QUANTISERS = {"Q4_K": quantise_q4_k, "Q6_K": quantise_q6_k}
+K_QUANTISERS = {"Q4_K": quantise_q4_k, "Q5_K": quantise_q5_k, "Q6_K": quantise_q6_k}
 
 
 # ------------------------------------------------------------------------------------------------------ GGUF writer
@@ -149,7 +165,7 @@ def write_gguf(model, path: Path, kinds: str | dict = "F32", arch: str = "t5enco
 @pytest.fixture(scope="module")
 def files(reference, tmp_path_factory):
     root = tmp_path_factory.mktemp("t5_gguf")
-    kinds = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q4_K_M": Q4_K_M,
+    kinds = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": Q5_K_M, "Q4_K_M": Q4_K_M,
              "Q5_1": "Q5_1", "Q4_0": "Q4_0"}
     return {k: write_gguf(reference.model, root / f"t5-tiny-encoder-{k}.gguf", v) for k, v in kinds.items()}
 
@@ -191,11 +207,12 @@ WEIGHT_BOUND = {
     "Q5_1": 1 / 31 + 3 * F16_EPS,  # 32 levels over [min, max] (width <= 2a); d and min in fp16
     "Q4_0": 1 / 8 + 8 * F16_EPS,  # d = a / 8 signed: the value opposite the largest clips at code 15, a full step
     "Q6_K": 1 / 62 + 32 / (2 * 31 * 127) + 32 * F16_EPS,  # step a/31 per 16 values; 8-bit scale of d = a/31/127
+    "Q5_K_M": 1 / 31 + 1 / 63 + 1 / 126 + 32 * F16_EPS,  # Q5_K: step <= 2a/31; 6-bit scales and mins (Q6_K parts less)
     "Q4_K_M": 1 / 15 + 1 / 63 + 1 / 126 + 16 * F16_EPS,  # Q4_K: step <= 2a/15; 6-bit scales and mins (Q6_K parts less)
 }
 # measured on this seed (see docs/t5.md), floors a little below
 COSINE_FLOOR = {"F16": 0.99999, "BF16": 0.9999, "Q8_0": 0.9995, "Q5_1": 0.99, "Q4_0": 0.96, "Q6_K": 0.998,
-                "Q4_K_M": 0.97}
+                "Q5_K_M": 0.99, "Q4_K_M": 0.97}
 
 
 @pytest.mark.usefixtures("one_torch_thread")

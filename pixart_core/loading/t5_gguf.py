@@ -19,6 +19,7 @@ layer-norm epsilon). llama.cpp stores no relative-attention max distance: it use
 
 from __future__ import annotations
 
+import mmap
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -138,7 +139,21 @@ class GGUFTensorReader:
                 f"(it reads {', '.join(SUPPORTED_TYPES)}). Use another quantisation of the file (Q8_0, Q6_K, "
                 "Q5_K_M, Q4_K_M ...)."
             )
-        return dequantize(t.data, t.tensor_type).reshape(self.shape(name))
+        out = dequantize(t.data, t.tensor_type).reshape(self.shape(name))
+        self._release_pages(t.data_offset, t.n_bytes)
+        return out
+
+    def _release_pages(self, offset: int, size: int) -> None:
+        """Unmap the file pages of a tensor that has been copied: without this every page read stays in the process's
+        resident set until the file is closed (the page cache keeps them; only the process's count drops)."""
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):  # Windows: no madvise
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
+        except (OSError, ValueError):  # only a resident-set saving; never a reason to fail a load
+            pass
 
 
 def dequantize(data: np.ndarray, qtype) -> torch.Tensor:
