@@ -196,6 +196,20 @@ def test_f32_gguf_is_the_original_model(files, reference):
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-5 * theirs.abs().max().item())
 
 
+def test_original_ungated_t5_maps_ffn_up_to_wi(tmp_path):
+    """The original T5 (ReLU, one `wi`): llama.cpp writes it as ffn_up with no ffn_gate."""
+    from transformers import T5EncoderModel
+
+    config = tiny_config()
+    config.is_gated_act, config.dense_act_fn, config.num_layers = False, "relu", 1
+    torch.manual_seed(1)
+    original = T5EncoderModel(config).eval()
+    encoder = load(write_gguf(original, tmp_path / "t5-original.gguf"))
+    assert not encoder.model.config.is_gated_act
+    expected = original.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in encoder.model.state_dict().items())
+
+
 # Weight error bound per type, relative to each tensor's largest magnitude a: half a quantisation step (a full one
 # where a type clips), plus the rounding of the block scales (fp16: 2^-11 of the scale; K-quants: 6/8-bit sub-block
 # scales, half a scale step times the largest code).
