@@ -66,7 +66,7 @@ def random_data(kind: str, shape: tuple[int, ...], rng: np.random.Generator):
 
     if len(shape) == 1:
         return np.ones(shape, np.float32), None
-    if shape[-1] % 32:  # attn_rel_b (rows of head-count length): llama.cpp leaves it unquantised
+    if shape[-1] % 256:  # attn_rel_b (rows of head-count length): llama.cpp's quantiser never quantises it
         return rng.normal(0, 0.1, shape).astype(np.float32), None
     if kind in ("F16", "BF16"):
         values = rng.normal(0, 0.01, shape).astype(np.float32)
