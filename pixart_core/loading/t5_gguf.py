@@ -83,6 +83,14 @@ class GGUFTensorReader:
         self._tensors = {t.name: t for t in reader.tensors}
         self._names = hf_names(list(self._tensors))
         self.config = _checked_config(self)
+        for gguf_name in self._names.values():  # refused before anything is dequantised
+            kind = self._tensors[gguf_name].tensor_type.name
+            if kind not in SUPPORTED_TYPES:
+                raise PixArtError(
+                    f"'{path.name}': tensor '{gguf_name}' is stored as {kind}, which this loader does not read "
+                    f"(it reads {', '.join(SUPPORTED_TYPES)}). Use another quantisation of the file (Q8_0, Q6_K, "
+                    "Q5_K_M, Q4_K_M ...)."
+                )
 
     @classmethod
     @contextmanager
@@ -114,8 +122,9 @@ class GGUFTensorReader:
     def keys(self) -> list[str]:
         return list(self._names)
 
-    def gguf_keys(self) -> list[str]:
-        return list(self._tensors)
+    def gguf_keys(self):
+        """The tensor names as the file spells them (llama.cpp's)."""
+        return self._tensors.keys()
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -125,20 +134,10 @@ class GGUFTensorReader:
             raise KeyError(name)
         return tuple(int(d) for d in reversed(self._tensors[self._names[name]].shape))  # ggml lists dims reversed
 
-    def storage_type(self, name: str) -> str:
-        return self._tensors[self._names[name]].tensor_type.name
-
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor in its own storage precision (F16/BF16 stay 16-bit) or fp32 for quantised types; a copy, never
         a view of the memory map."""
         t = self._tensors[self._names[name]]
-        kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES:
-            raise PixArtError(
-                f"'{self.path.name}': tensor '{t.name}' is stored as {kind}, which this loader does not read "
-                f"(it reads {', '.join(SUPPORTED_TYPES)}). Use another quantisation of the file (Q8_0, Q6_K, "
-                "Q5_K_M, Q4_K_M ...)."
-            )
         out = dequantize(t.data, t.tensor_type).reshape(self.shape(name))
         self._release_pages(t.data_offset, t.n_bytes)
         return out
