@@ -59,14 +59,14 @@ def fresh_cache():
     clear_cache()
 
 
-# ------------------------------------------------------------------------------------------ K-quants, from ggml's layout
+# ----------------------------------------------------------------------------------------- K-quants, from ggml's layout
 def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)
 
 
 def _k_scales_and_mins(rows: np.ndarray, levels: int):
-    """Q4_K/Q5_K: blocks of 256 = 8 sub-blocks of 32, x = d * sc_j * q - dmin * m_j with q in 0..levels, 6-bit
-    sc/m packed in 12 bytes; returns (d, dmin, packed scales, q)."""
+    """Q4_K/Q5_K: blocks of 256 = 8 sub-blocks of 32, x = d * sc_j * q - dmin * m_j with q in 0..levels,
+    6-bit sc/m packed in 12 bytes; returns (d, dmin, packed scales, q)."""
     x = rows.reshape(-1, 8, 32).astype(np.float32)
     lo, hi = np.minimum(x.min(-1), 0), x.max(-1)
     scale, offset = (hi - lo) / levels, -lo
@@ -165,8 +165,8 @@ def write_gguf(model, path: Path, kinds: str | dict = "F32", arch: str = "t5enco
 @pytest.fixture(scope="module")
 def files(reference, tmp_path_factory):
     root = tmp_path_factory.mktemp("t5_gguf")
-    kinds = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": Q5_K_M, "Q4_K_M": Q4_K_M,
-             "Q5_1": "Q5_1", "Q4_0": "Q4_0"}
+    kinds = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": Q5_K_M,
+             "Q4_K_M": Q4_K_M, "Q5_1": "Q5_1", "Q4_0": "Q4_0"}
     return {k: write_gguf(reference.model, root / f"t5-tiny-encoder-{k}.gguf", v) for k, v in kinds.items()}
 
 
