@@ -197,7 +197,7 @@ def _checked_config(reader: GGUFTensorReader):
     }
     for key, from_shapes in checks.items():
         stored = reader.metadata(f"{arch}.{key}")
-        if stored is not None and int(stored) != from_shapes:
+        if stored is not None and (not isinstance(stored, (int, float)) or int(stored) != from_shapes):
             raise PixArtError(f"'{name}': metadata {arch}.{key} = {stored} but the tensors give {from_shapes}; "
                               "the file is inconsistent. Download it again.")
     eps = reader.metadata(f"{arch}.attention.layer_norm_rms_epsilon") or reader.metadata(
