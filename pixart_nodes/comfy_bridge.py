@@ -36,6 +36,9 @@ except ImportError:
 log = logging.getLogger("pixart_delta")
 
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+# Folders whose .gguf files the loaders read too. ComfyUI's own lists show .gguf only with ComfyUI-GGUF installed
+# (it adds the extension), so these folders are also walked here; ComfyUI's extension lists are left as they are.
+GGUF_FOLDERS = ("text_encoders",)
 
 # ComfyUI's own folder names (and the legacy aliases it maps), used by the stand-in.
 _FOLDER_ALIASES = {"unet": "diffusion_models", "clip": "text_encoders"}
@@ -72,25 +75,35 @@ def folder_dirs(folder: str) -> list[str]:
 def list_models(folder: str, with_bundled: bool = True) -> list[str]:
     """Model files in a folder, relative names with '/' separators, sorted, as ComfyUI's combos show them; then the
     bundled PixArt-nano models of that kind."""
+    gguf = _FOLDER_ALIASES.get(folder, folder) in GGUF_FOLDERS
     if IN_COMFYUI:
         names = _folder_paths.get_filename_list(folder)
+        if gguf:
+            names = [*names, *(n for n in _walk(folder_dirs(folder)) if n.lower().endswith(".gguf"))]
     else:
-        names = []
-        for root in folder_dirs(folder):
-            seen: set[str] = set()
-            for dirpath, dirs, files in os.walk(root, followlinks=True):
-                # A symlinked folder that leads back up the tree would be walked forever (two such links double
-                # the listing at every level): every real folder is walked once.
-                real = os.path.realpath(dirpath)
-                if real in seen:
-                    dirs[:] = []
-                    continue
-                seen.add(real)
-                for f in files:
-                    rel = os.path.relpath(os.path.join(dirpath, f), root)
-                    names.append(rel.replace(os.sep, "/"))
-    files = sorted({n for n in names if n.lower().endswith(MODEL_EXTENSIONS)})
+        names = _walk(folder_dirs(folder))
+    extensions = MODEL_EXTENSIONS + ((".gguf",) if gguf else ())
+    files = sorted({n for n in names if n.lower().endswith(extensions)})
     return files + [n for n in bundled.loader_entries(folder) if with_bundled and n not in files]
+
+
+def _walk(roots: Iterable[str]) -> list[str]:
+    """Every file under `roots`, relative to its root with '/' separators."""
+    names = []
+    for root in roots:
+        seen: set[str] = set()
+        for dirpath, dirs, files in os.walk(root, followlinks=True):
+            # A symlinked folder that leads back up the tree would be walked forever (two such links double
+            # the listing at every level): every real folder is walked once.
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for f in files:
+                rel = os.path.relpath(os.path.join(dirpath, f), root)
+                names.append(rel.replace(os.sep, "/"))
+    return names
 
 
 def list_models_in(folders: Iterable[str]) -> list[str]:

@@ -17,7 +17,8 @@ DEFAULT_TEXT_LEN = 300  # without a model to ask: long enough for Σ; α/δ prom
 
 class PixArtDeltaT5Loader:
     DESCRIPTION = ("Loads the T5 v1.1 XXL text encoder PixArt uses, from models/text_encoders (e.g. "
-                   "t5xxl_fp16.safetensors). int8 / nf4 (bitsandbytes) cut its memory to about 5 / 3 GB and also run "
+                   "t5xxl_fp16.safetensors, or a GGUF such as t5-v1_1-xxl-encoder-Q8_0.gguf, dequantised into the "
+                   "chosen precision). int8 / nf4 (bitsandbytes) cut its memory to about 5 / 3 GB and also run "
                    "on the CPU; the tokenizer is the one ComfyUI ships.")
     CATEGORY = "PixArt-δ/loaders"
     RETURN_TYPES = (T5,)
@@ -30,8 +31,9 @@ class PixArtDeltaT5Loader:
         return {
             "required": {
                 "t5_name": (bridge.list_models(FOLDER), {
-                    "tooltip": "The T5 v1.1 XXL encoder file in models/text_encoders (t5xxl_fp16.safetensors, "
-                               "t5xxl_fp8_e4m3fn.safetensors, or the first shard of a diffusers text_encoder)."}),
+                    "tooltip": "The T5 v1.1 XXL encoder file in models/text_encoders or models/clip "
+                               "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors, a GGUF such as "
+                               "t5-v1_1-xxl-encoder-Q5_K_M.gguf, or the first shard of a diffusers text_encoder)."}),
                 "precision": (list(T5_PRECISIONS), {
                     "default": "bf16",
                     "tooltip": "fp32 (19 GB), bf16 / fp16 (9.5 GB; fp16 keeps the overflow-prone layers in fp32), "

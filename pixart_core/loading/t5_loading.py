@@ -6,7 +6,8 @@ Layouts read (all in the transformers key layout `shared.weight`, `encoder.block
   read with `torch.load(weights_only=True)`);
 - one `.safetensors` file as ComfyUI users keep them in models/text_encoders (t5xxl_fp32 / fp16 / bf16 / fp8, and
   ComfyUI's "scaled fp8" with a per-tensor `scale_weight`). With no config.json beside it, the config is read off the
-  tensor shapes. A file that is one shard of an indexed folder loads the whole folder.
+  tensor shapes. A file that is one shard of an indexed folder loads the whole folder;
+- one `.gguf` file in llama.cpp's T5 naming, any quantisation city96's T5 files use (read by t5_gguf.py).
 
 The model is built on the meta device (no random init of 4.7B parameters) and every tensor is read from the
 memory-mapped file, cast (or quantised) on its own and put in place, so the peak is the finished model plus one tensor.
@@ -75,13 +76,8 @@ def locate_t5(path: str | Path) -> T5Source:
     if not p.exists():
         raise PixArtError(f"T5 text encoder not found: '{p}'. Give a .safetensors file or a model folder.")
     if p.is_file():
-        if p.suffix == ".gguf":
-            raise PixArtError(
-                f"'{p.name}' is a GGUF file. This loader reads safetensors; use a t5xxl .safetensors "
-                "(fp16, bf16 or fp32) or the diffusers text_encoder folder."
-            )
-        if p.suffix.lower() not in (".safetensors", ".sft", ".bin", ".pt", ".pth"):
-            raise PixArtError(f"'{p.name}' is not a T5 weight file; expected .safetensors (or .bin).")
+        if p.suffix.lower() not in (".safetensors", ".sft", ".bin", ".pt", ".pth", ".gguf"):
+            raise PixArtError(f"'{p.name}' is not a T5 weight file; expected .safetensors or .gguf (or .bin).")
         if _listed_in_shard_index(p):  # one shard of a sharded folder: the folder is the model
             return locate_t5(p.parent)
         config = p.parent / "config.json"
@@ -355,8 +351,12 @@ def load_t5_model(source: T5Source, precision: str, device: str | torch.device =
     """Read the weights of `source` into a T5EncoderModel at `precision` on `device`."""
     if precision in QUANTISED:
         _require_bitsandbytes(precision)
-    with TensorReader.open(source.weight_files) as reader:
-        config = read_t5_config(source, reader)
+    if source.weight_files[0].suffix.lower() == ".gguf":  # llama.cpp's names and quantisations (gguf imported here)
+        from .t5_gguf import GGUFTensorReader as reader_type
+    else:
+        reader_type = TensorReader
+    with reader_type.open(source.weight_files) as reader:
+        config = reader.config if reader_type is not TensorReader else read_t5_config(source, reader)
 
         def from_file(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             if name not in reader:
