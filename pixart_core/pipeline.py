@@ -318,7 +318,7 @@ class PixArtPipeline:
         # before importing the loaders: a failure to find the model should be quick
         model = resolve_model(model, parts_given=None not in (transformer, t5, vae))[0]
         from .loading.checkpoint import load_transformer
-        from .text_encoder import load_t5
+        from .loading.t5_loading import load_t5
         transformer = transformer or model
         t5 = t5 or model
         vae = vae or Path(model) / "vae"
@@ -397,6 +397,6 @@ class PixArtPipeline:
 
 
 def _load_vae(path, latent_scale: float, dtype: torch.dtype, device):
-    from .vae import load_vae
+    from .loading.vae_files import load_vae
 
     return load_vae(path, kind="auto", dtype=dtype, device=device, latent_scale=latent_scale)

@@ -1,4 +1,5 @@
-"""Prompts to T5 embeddings for PixArt: load, encode (with a cache), unload, and the unconditional branch.
+"""Prompts to T5 embeddings for PixArt: encode (with a cache), unload, and the unconditional branch. Reading T5
+files (load_t5) is loading/t5_loading.py's job.
 
 `encode` follows diffusers' `PixArtAlphaPipeline.encode_prompt` / `PixArtSigmaPipeline.encode_prompt` exactly:
 - Text preprocessing as diffusers' `_text_preprocessing`: with `clean_caption=False` the prompt is still lower-cased
@@ -27,7 +28,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,18 +35,11 @@ from torch import nn
 
 from .errors import PixArtError
 from .transformer import null_embedding_conditioning
-from .loading.t5_loading import (
-    FF_OUTPUT,
-    PRECISIONS,
-    find_tokenizer_dir,
-    load_t5_model,
-    load_tokenizer,
-    locate_t5,
-)
 
 logger = logging.getLogger("pixart_core")
 
 UNCONDITIONAL_MODES = ("empty", "null_embedding")
+FF_OUTPUT = "DenseReluDense.wo"  # the projection kept out of fp16 and out of quantisation (T5 v1.1 overflows there)
 
 
 class PromptEmbeddingCache:
@@ -239,47 +232,6 @@ def _quiet_int8_cast_notice() -> Iterator[None]:
         yield
     finally:
         bnb_logger.removeFilter(quiet)
-
-
-def load_t5(
-    path: str | Path,
-    precision: str = "bf16",
-    device: str | torch.device = "cpu",
-    tokenizer_path: str | Path | None = None,
-    tokenizer_fallbacks: Sequence[str | Path] = (),
-) -> T5TextEncoder:
-    """Load a T5 encoder from a diffusers pipeline folder, a Hugging Face folder or a single .safetensors file.
-
-    precision: "fp32", "bf16", "fp16" (wo kept fp32), "int8" or "nf4" (bitsandbytes; CPU or CUDA).
-    Tokenizer: `tokenizer_path` if given, else the folder's tokenizer (tokenizer/ or the folder itself), else the
-    first of `tokenizer_fallbacks` that holds one (the ComfyUI node passes ComfyUI's bundled t5_tokenizer folder).
-    """
-    if precision not in PRECISIONS:
-        raise PixArtError(f"Unknown T5 precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-    source = locate_t5(path)
-    if tokenizer_path is not None:
-        tokenizer_dir = find_tokenizer_dir([tokenizer_path])
-        if tokenizer_dir is None:
-            raise PixArtError(
-                f"No T5 tokenizer in '{tokenizer_path}' (expected tokenizer.json or spiece.model there)."
-            )
-    else:
-        tokenizer_dir = find_tokenizer_dir([*source.tokenizer_candidates, *tokenizer_fallbacks])
-        if tokenizer_dir is None:
-            looked = [str(p) for p in [*source.tokenizer_candidates, *tokenizer_fallbacks]]
-            raise PixArtError(
-                f"No T5 tokenizer found for '{path}' (looked in {looked}). Put the T5 v1.1 tokenizer files "
-                "(tokenizer.json, tokenizer_config.json, special_tokens_map.json) in a folder and pass it as the "
-                "tokenizer path, or use the diffusers pipeline folder, which has tokenizer/."
-            )
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_t5_model(source, precision, device)
-
-    def reload(to_device: torch.device) -> nn.Module:
-        return load_t5_model(source, precision, to_device)
-
-    identity = f"{source.identity}|{tokenizer_dir.resolve()}"
-    return T5TextEncoder(model, tokenizer, precision, identity=identity, reload=reload)
 
 
 def preprocess_captions(texts: Sequence[str], clean_caption: bool) -> list[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pixart_core.controlnet import load_controlnet
 from pixart_core.errors import PixArtError
-from pixart_core.hed import load_hed
+from pixart_core.loading.controlnet_files import load_controlnet
+from pixart_core.loading.hed_files import load_hed
 
 from . import comfy_bridge as bridge
 from . import model_cache

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pixart_core.errors import PixArtError
-from pixart_core.loading.t5_loading import PRECISIONS as T5_PRECISIONS
-from pixart_core.text_encoder import encode_prompts, load_t5
+from pixart_core.loading.t5_loading import PRECISIONS as T5_PRECISIONS, load_t5
+from pixart_core.text_encoder import encode_prompts
 
 from . import comfy_bridge as bridge
 from . import model_cache

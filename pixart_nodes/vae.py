@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from pixart_core.errors import PixArtError
-from pixart_core.vae import decode_fitting, encode_fitting, load_vae
+from pixart_core.loading.vae_files import load_vae
+from pixart_core.vae import decode_fitting, encode_fitting
 
 from . import comfy_bridge as bridge
 from . import model_cache

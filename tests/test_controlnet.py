@@ -13,14 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from pixart_core.loading.checkpoint import load_transformer
-from pixart_core.controlnet import (
-    check_compatible,
-    controls_at_step,
-    load_combined,
-    load_controlnet,
-    prepare_control_image,
-    resize_cover_crop,
-)
+from pixart_core.controlnet import check_compatible, controls_at_step, prepare_control_image, resize_cover_crop
+from pixart_core.loading.controlnet_files import load_combined, load_controlnet
 from pixart_core.errors import PixArtError
 from pixart_core.schedule import step_of_timestep
 from tests.factories import TINY_HEADS, TINY_WIDTH, original_state_dict, tiny_diffusers_transformer

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pixart_core.errors import PixArtError
-from pixart_core.hed import load_hed
+from pixart_core.loading.hed_files import load_hed
 
 # ControlNetHED_Apache2: (stage, in channels, out channels, convs)
 STAGES = [(1, 3, 64, 2), (2, 64, 128, 2), (3, 128, 256, 3), (4, 256, 512, 3), (5, 512, 512, 3)]

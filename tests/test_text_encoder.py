@@ -17,12 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from pixart_core.errors import PixArtError
-from pixart_core.text_encoder import (
-    T5TextEncoder,
-    clear_cache,
-    encode_prompts,
-    load_t5,
-)
+from pixart_core.loading.t5_loading import load_t5
+from pixart_core.text_encoder import T5TextEncoder, clear_cache, encode_prompts
 from pixart_core.transformer import null_embedding_conditioning
 from tests.conftest import T5_TOKENIZER
 

@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from pixart_core.errors import PixArtError
-from pixart_core.vae import (SD_VAE_CONFIG, PixArtVAE, decode_fitting, encode_fitting, load_vae, raw_to_scaled,
-                             scaled_to_raw)
+from pixart_core.loading.vae_files import load_vae
+from pixart_core.vae import SD_VAE_CONFIG, PixArtVAE, decode_fitting, encode_fitting, raw_to_scaled, scaled_to_raw
 from tests.factories import to_ldm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,7 +407,7 @@ def test_kind_resolution(tmp_path, caplog):
     assert load_vae(tmp_path / "sdxl_vae.safetensors", config_overrides=groups).kind == "sdxl"
     assert load_vae(tmp_path / "sdxl_vae.safetensors", kind="sd", config_overrides=groups).scaling_factor == 0.18215
     assert load_vae(tmp_path / "some_vae.safetensors", latent_scale=0.13025, config_overrides=groups).kind == "sdxl"
-    with caplog.at_level(logging.WARNING, logger="pixart_core.vae"):
+    with caplog.at_level(logging.WARNING, logger="pixart_core.loading.vae_files"):
         assert load_vae(tmp_path / "some_vae.safetensors", config_overrides=groups).kind == "sd"
     assert "cannot be told apart" in caplog.text
     model.save_pretrained(tmp_path / "folder")
