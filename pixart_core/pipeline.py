@@ -36,6 +36,7 @@ from .memory import FreeMemory, free_memory, is_out_of_memory
 from .resolution import SizePlan, plan_size, resize_and_crop
 from .schedule import ddpm_schedule
 from .step_cache import StepCacheOptions, step_cache_options
+from .vae import raw_to_scaled, scaled_to_raw
 
 MAX_SEED = 2**64
 
@@ -199,6 +200,7 @@ def sample_batch(
     controls: Sequence[ControlInput] = (),
     interrupt: Optional[InterruptCheck] = None,
     free_memory: FreeMemory = free_memory,
+    raw_latents: bool = False,
     **options,
 ) -> torch.Tensor:
     """generate_latents at exactly width x height (no binning) for `batch_size` images, with control images still to
@@ -207,7 +209,14 @@ def sample_batch(
 
     init_latent: scaled latents (1 or batch_size images). controls: ControlInputs whose image batch is 1 or
     batch_size. options: the rest of generate_latents' keywords (sampler, steps, guidance_scale, denoise, callback,
-    negative_embeds, negative_mask, step_cache). Returns the final scaled latents (B, 4, h, w)."""
+    negative_embeds, negative_mask, step_cache). Returns the final scaled latents (B, 4, h, w).
+    raw_latents: init_latent and the result are raw VAE latents (what ComfyUI's LATENT holds) instead."""
+    if raw_latents:
+        scale = transformer.config.latent_scale
+        init = None if init_latent is None else raw_to_scaled(init_latent, scale)
+        return scaled_to_raw(sample_batch(transformer, embeds, mask, width=width, height=height, batch_size=batch_size,
+                                          seed=seed, init_latent=init, controls=controls, interrupt=interrupt,
+                                          free_memory=free_memory, **options), scale)
     _check_batch_inputs(transformer, embeds, init_latent, controls, batch_size)
 
     def generate(first: int, count: int) -> torch.Tensor:

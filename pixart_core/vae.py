@@ -389,17 +389,22 @@ MIN_OOM_TILE = 64  # px: below this, tiles cost more in overlap than they save
 
 
 def decode_fitting(vae: PixArtVAE, latents: torch.Tensor, mode: str = "auto", tile_size: Optional[int] = None,
-                   free_memory: FreeMemory = free_memory, **kwargs) -> torch.Tensor:
-    """vae.decode, retried in fast mode with ever smaller tiles when memory runs out (see with_smaller_tiles)."""
+                   free_memory: FreeMemory = free_memory, raw_latents: bool = False, **kwargs) -> torch.Tensor:
+    """vae.decode, retried in fast mode with ever smaller tiles when memory runs out (see with_smaller_tiles).
+    raw_latents: the latents are raw VAE latents (ComfyUI's LATENT), not scaled ones."""
+    if raw_latents:
+        latents = vae.from_raw(latents)
     return with_smaller_tiles("decoding", mode, tile_size, free_memory,
                               lambda m, t: vae.decode(latents, mode=m, tile_size=t, **kwargs))
 
 
 def encode_fitting(vae: PixArtVAE, images: torch.Tensor, tile_size: Optional[int] = None,
-                   free_memory: FreeMemory = free_memory, **kwargs) -> torch.Tensor:
-    """vae.encode (mode auto), retried in fast mode with ever smaller tiles when memory runs out."""
-    return with_smaller_tiles("encoding", "auto", tile_size, free_memory,
-                              lambda m, t: vae.encode(images, mode=m, tile_size=t, **kwargs))
+                   free_memory: FreeMemory = free_memory, raw_latents: bool = False, **kwargs) -> torch.Tensor:
+    """vae.encode (mode auto), retried in fast mode with ever smaller tiles when memory runs out.
+    raw_latents: return raw VAE latents (ComfyUI's LATENT) instead of scaled ones."""
+    latents = with_smaller_tiles("encoding", "auto", tile_size, free_memory,
+                                 lambda m, t: vae.encode(images, mode=m, tile_size=t, **kwargs))
+    return vae.to_raw(latents) if raw_latents else latents
 
 
 def with_smaller_tiles(what: str, mode: str, tile_size: Optional[int], free_memory: FreeMemory,

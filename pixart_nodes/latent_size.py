@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pixart_core.resolution import BIN_TABLES, bin_table, classify_height_width_bin, plan_size
+from pixart_core.resolution import BIN_TABLES, bin_for_aspect, plan_size
 
 from . import comfy_bridge as bridge
 from .sockets import MODEL
@@ -55,8 +55,7 @@ class PixArtDeltaResolutionSelect:
         return f"aspect_ratio {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}; pick one in the node."
 
     def select(self, model, aspect_ratio: str):
-        table = bin_table(model.config.bin_size)
-        height, width = classify_height_width_bin(height_over_width(aspect_ratio), 1.0, table)
+        height, width = bin_for_aspect(model.config.bin_size, height_over_width(aspect_ratio))
         return (width, height)
 
 

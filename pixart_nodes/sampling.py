@@ -14,8 +14,6 @@ import torch
 
 from pixart_core.pipeline import sample_batch
 from pixart_core.step_cache import MODES as STEP_CACHE_MODES
-from pixart_core.step_cache import step_cache_options
-from pixart_core.vae import raw_to_scaled, scaled_to_raw
 
 from . import comfy_bridge as bridge
 from .latent_size import MAX_SIZE
@@ -41,24 +39,22 @@ def _size_from_latent(latent: dict) -> tuple[int, int, int]:
 def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
                 latent: dict | None, control, step_cache: str = "off") -> dict:
-    """The one core call both sampler nodes make (pipeline.sample_batch), with ComfyUI's model loading, progress,
-    preview, Cancel and memory release hooked in, and the LATENT's raw latents converted to the model's scale."""
-    scale = model.config.latent_scale
+    """The one core call both sampler nodes make (pipeline.sample_batch on the LATENT's raw latents), with ComfyUI's
+    model loading, progress, preview, Cancel and memory release hooked in."""
     if latent is not None and "noise_mask" in latent:
         log.warning("PixArt samplers ignore the latent's noise mask (inpainting is not supported).")
-    init = raw_to_scaled(latent_tensor(latent), scale) if latent is not None and denoise < 1.0 else None
-    cache = step_cache_options(OLD_STEP_CACHES.get(step_cache, step_cache))  # checked before models are loaded
+    init = latent_tensor(latent) if latent is not None and denoise < 1.0 else None
     bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
     progress = bridge.sampling_progress(model.config.family, model.module.device)
     latents = sample_batch(
         model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
         negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
         init_latent=init, controls=[c.core() for c in control or ()], sampler=sampler, steps=steps,
-        guidance_scale=guidance, denoise=denoise, step_cache=cache, interrupt=bridge.check_interrupted,
-        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-        free_memory=bridge.free_cached_memory)
+        guidance_scale=guidance, denoise=denoise, step_cache=OLD_STEP_CACHES.get(step_cache, step_cache),
+        interrupt=bridge.check_interrupted, callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
+        free_memory=bridge.free_cached_memory, raw_latents=True)
     out = {k: v for k, v in (latent or {}).items() if k != "noise_mask"}
-    out["samples"] = scaled_to_raw(latents, scale).to(bridge.intermediate_device())
+    out["samples"] = latents.to(bridge.intermediate_device())
     return out
 
 

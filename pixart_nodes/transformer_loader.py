@@ -8,7 +8,6 @@ import torch
 
 from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
-from pixart_core.quantize import FP8_DTYPE, quantize_transformer
 
 from . import comfy_bridge as bridge
 from . import model_cache
@@ -36,9 +35,6 @@ def _overrides(family: str, train_resolution: str, text_len: str) -> dict:
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-    if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
-        raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
-                          "choose int8 (same memory) or update torch to 2.1 or later.")
 
 
 def describe_detection(name: str, summary: dict, precision: str, dtype: torch.dtype) -> str:
@@ -117,9 +113,8 @@ class PixArtDeltaTransformerLoader:
             # int8 (bitsandbytes) weights stay on the device they were quantised on; fp8 weights are plain buffers
             # that move between devices like any others.
             home = load_device if precision == "int8" else offload_device
-            module = load_transformer(path, dtype=dtype, device=home, overrides=overrides)
-            if precision in EIGHT_BIT:  # layer by layer after the load: the extra memory is one Linear
-                module = quantize_transformer(module, precision)
+            weights = precision if precision in EIGHT_BIT else "none"
+            module = load_transformer(path, dtype=dtype, device=home, overrides=overrides, weights=weights)
             managed = bridge.ManagedModel(module, load_device, home)
             summary = module.detection.summary()
             return PixArtModel(managed=managed, config=module.config, name=model_name, summary=summary)

@@ -103,7 +103,7 @@ class PixArtDeltaVAEDecodeTiled:
     @torch.no_grad()
     def decode(self, samples: dict, vae: Vae, mode: str, tile_size: int):
         bridge.load([vae.managed])
-        images = decode_fitting(vae.module, vae.module.from_raw(latent_tensor(samples)), mode, tile_size or None,
+        images = decode_fitting(vae.module, latent_tensor(samples), mode, tile_size or None, raw_latents=True,
                                 free_memory=bridge.free_cached_memory, callback=bridge.tile_progress(),
                                 interrupt=bridge.check_interrupted)
         return (image_from_core(images).to(bridge.intermediate_device()),)
@@ -132,6 +132,7 @@ class PixArtDeltaVAEEncodeTiled:
     def encode(self, pixels: torch.Tensor, vae: Vae, tile_size: int):
         images = image_to_core(pixels, "pixels")
         bridge.load([vae.managed])
-        latents = encode_fitting(vae.module, images, tile_size or None, free_memory=bridge.free_cached_memory,
-                                 callback=bridge.tile_progress(), interrupt=bridge.check_interrupted)
-        return ({"samples": vae.module.to_raw(latents).to(bridge.intermediate_device())},)
+        latents = encode_fitting(vae.module, images, tile_size or None, raw_latents=True,
+                                 free_memory=bridge.free_cached_memory, callback=bridge.tile_progress(),
+                                 interrupt=bridge.check_interrupted)
+        return ({"samples": latents.to(bridge.intermediate_device())},)

@@ -460,9 +460,8 @@ def test_harness_keeps_the_validate_inputs_pitfalls(env):
 # ------------------------------------------------------------------------------------------------ speed and memory options
 def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     """The optional step_cache combo: validated like any combo, off when absent (older workflows), and when on the
-    core gets its options; with T-GATE the model runs the conditional batch alone after the gate."""
+    core gets its mode name; with T-GATE the model runs the conditional batch alone after the gate."""
     from pixart_nodes import sampling
-    from pixart_core.step_cache import StepCacheOptions
     from pixart_core.transformer import PixArtTransformer
 
     seen_options, batches = [], []
@@ -488,16 +487,16 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
         return run(prompt)[0].last_results["4"][0]["samples"]
 
     plain = latent(None)
-    assert seen_options[-1] is None and batches == [(2, False, False)] * 4
+    assert seen_options[-1] == "off" and batches == [(2, False, False)] * 4
     gated = latent("t-gate")
-    assert seen_options[-1] == StepCacheOptions(tgate=True)
+    assert seen_options[-1] == "t-gate"
     assert batches == [(2, True, False)] * 2 + [(1, True, False)] * 2  # CFG dropped after the gate (step 2 of 4)
     assert 0 < (gated - plain).norm() / plain.norm() < 0.05  # the bound of test_step_cache (measured 0.03%)
     latent("delta-dit", sampler="lcm")
-    assert seen_options[-1] == StepCacheOptions(delta_dit=True) and batches == [(1, False, True)] * 4
+    assert seen_options[-1] == "delta-dit" and batches == [(1, False, True)] * 4
     assert latent("T-GATE").equal(gated)  # the spelling workflows saved before one ASCII spelling: migrated
     latent("Δ-DiT", sampler="lcm")
-    assert seen_options[-1] == StepCacheOptions(delta_dit=True)
+    assert seen_options[-1] == "delta-dit"
     with pytest.raises(harness.PromptRejected) as err:
         latent("faster")
     assert [e["type"] for e in err.value.node_errors["4"]["errors"]] == ["custom_validation_failed"]
@@ -505,12 +504,12 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
 
 
 def test_loader_fp8_precision(env, monkeypatch):
-    from pixart_nodes import transformer_loader
+    from pixart_core.loading import checkpoint
     from pixart_core.quantize import FP8_DTYPE, Fp8Linear
 
     loader = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()
-    monkeypatch.setattr(transformer_loader, "FP8_DTYPE", None)  # a torch build without float8
-    with pytest.raises(PixArtError, match="fp8 needs float8 support.*int8"):
+    monkeypatch.setattr(checkpoint, "FP8_DTYPE", None)  # a torch build without float8
+    with pytest.raises(PixArtError, match="fp8 weights need float8 support.*int8"):
         loader.load(FILES["alpha"], "fp8", "auto", "auto", "auto")
     monkeypatch.undo()
     if FP8_DTYPE is None:

@@ -207,6 +207,10 @@ def test_raw_and_scaled_latents_convert_both_ways():
     assert decoded.min() >= 0 and decoded.max() <= 1
     signed = vae.decode(z, mode="whole", output="signed")
     assert torch.allclose(decoded, (signed * 0.5 + 0.5).clamp(0, 1))
+    # the nodes' one call each way: raw latents (ComfyUI's LATENT) in and out of the fitting decode / encode
+    assert torch.equal(decode_fitting(vae, raw, "whole", raw_latents=True), vae.decode(vae.from_raw(raw), mode="whole"))
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(encode_fitting(vae, images, raw_latents=True), vae.to_raw(vae.encode(images)))
 
 
 class _OutOfMemoryUntil:
