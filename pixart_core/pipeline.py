@@ -328,11 +328,13 @@ class PixArtPipeline:
         model = resolve_model(model, parts_given=None not in (transformer, t5, vae))[0]
         from .loading.checkpoint import load_transformer
         from .loading.t5_loading import load_t5
+        from .text_encoder import PromptEmbeddingCache
         transformer = transformer or model
         t5 = t5 or model
         vae = vae or Path(model) / "vae"
         tr = load_transformer(transformer, dtype=dtype, device=device)
-        encoder = load_t5(t5, precision=t5_precision, device=device)
+        # outside ComfyUI nothing else keeps encoded prompts: a repeated prompt skips T5
+        encoder = load_t5(t5, precision=t5_precision, device=device, cache=PromptEmbeddingCache())
         return cls(tr, encoder, _load_vae(vae, tr.config.latent_scale, vae_dtype, device))
 
     @property

@@ -69,8 +69,8 @@ class PixArtDeltaT5Loader:
 
 class PixArtDeltaT5TextEncode:
     DESCRIPTION = ("Encodes a prompt and a negative prompt with T5 for PixArt. Connect the model so the prompt length "
-                   "matches it (120 tokens for α/δ, 300 for Σ); results are cached, so re-queuing the same prompt is "
-                   "instant.")
+                   "matches it (120 tokens for α/δ, 300 for Σ); ComfyUI keeps the result, so re-queuing the same "
+                   "prompt is instant.")
     CATEGORY = "PixArt-δ/conditioning"
     RETURN_TYPES = (CONDITIONING,)
     RETURN_NAMES = ("conditioning",)

@@ -208,6 +208,31 @@ def test_loader_reports_what_it_detected_and_second_run_reuses_models(env):
     assert executor.last_results["1"][0].module.dtype == torch.bfloat16
 
 
+def test_text_encode_keeps_no_embedding_behind_comfyuis_back(env):
+    """ComfyUI's executor keeps the encode node's output; the core keeps nothing more: the node's T5 has no prompt
+    cache, so encoding the same prompt again runs T5 again (nothing was kept), and what it returned is freed once
+    the caller drops it."""
+    import gc
+    import weakref
+
+    executor, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
+    t5, model = executor.last_results["2"][0], executor.last_results["1"][0]
+    assert t5.module.cache is None
+    runs, forward = [], t5.module.model.forward
+    t5.module.model.forward = lambda *a, **k: runs.append(1) or forward(*a, **k)
+    node = NODE_CLASS_MAPPINGS["PixArtDeltaT5TextEncode"]()
+    try:
+        first = node.encode(t5, "a cat", "", 0, model)[0]
+        again = node.encode(t5, "a cat", "", 0, model)[0]
+    finally:
+        t5.module.model.forward = forward
+    assert len(runs) == 4 and torch.equal(first.embeds, again.embeds)  # prompt and negative, twice
+    gone = [weakref.ref(t) for t in (first.embeds, first.negative_embeds)]
+    del first
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+
+
 def test_resolution_node_gives_the_models_own_bins(env):
     executor, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
     model = executor.last_results["1"][0]

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import PixArtError
-from ..text_encoder import FF_OUTPUT, T5TextEncoder
+from ..text_encoder import FF_OUTPUT, PromptEmbeddingCache, T5TextEncoder
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4")
 QUANTISED = ("int8", "nf4")
@@ -404,12 +404,14 @@ def load_t5(
     device: str | torch.device = "cpu",
     tokenizer_path: str | Path | None = None,
     tokenizer_fallbacks: Sequence[str | Path] = (),
+    cache: PromptEmbeddingCache | None = None,
 ) -> T5TextEncoder:
     """Load a T5 encoder from a diffusers pipeline folder, a Hugging Face folder or a single .safetensors file.
 
     precision: "fp32", "bf16", "fp16" (wo kept fp32), "int8" or "nf4" (bitsandbytes; CPU or CUDA).
     Tokenizer: `tokenizer_path` if given, else the folder's tokenizer (tokenizer/ or the folder itself), else the
     first of `tokenizer_fallbacks` that holds one (the ComfyUI node passes ComfyUI's bundled t5_tokenizer folder).
+    cache: keep encoded prompts there (see PromptEmbeddingCache); None keeps nothing.
     """
     if precision not in PRECISIONS:
         raise PixArtError(f"Unknown T5 precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
@@ -436,4 +438,4 @@ def load_t5(
         return load_t5_model(source, precision, to_device)
 
     identity = f"{source.identity}|{tokenizer_dir.resolve()}"
-    return T5TextEncoder(model, tokenizer, precision, identity=identity, reload=reload)
+    return T5TextEncoder(model, tokenizer, precision, identity=identity, reload=reload, cache=cache)
