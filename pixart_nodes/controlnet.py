@@ -20,7 +20,7 @@ class PixArtDeltaControlNetLoader:
     DESCRIPTION = ("Loads a PixArt-δ ControlNet-Transformer from models/controlnet: the ControlNet part of "
                    "PixArt-XL-2-1024-ControlNet.pth / -512-ControlNet.pth (the base inside is not loaded here), or a "
                    "diffusers research ControlNet. Released ControlNets are PixArt-α: use them with α or δ models.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (CONTROLNET,)
     RETURN_NAMES = ("controlnet",)
     OUTPUT_TOOLTIPS = ("The ControlNet, for PixArt-δ Apply ControlNet.",)
@@ -58,7 +58,7 @@ class PixArtDeltaControlNetApply:
     DESCRIPTION = ("Sets up a ControlNet with its control image (e.g. HED edges), strength and the part of sampling it "
                    "acts in. Connect the result to a PixArt sampler's 'control' input; the image is fitted to the "
                    "generation size there.")
-    CATEGORY = "PixArt-δ/controlnet"
+    CATEGORY = "PixArt/controlnet"
     RETURN_TYPES = (CONTROL,)
     RETURN_NAMES = ("control",)
     OUTPUT_TOOLTIPS = ("ControlNet guidance for the PixArt samplers (with any stacked before it).",)
@@ -109,7 +109,7 @@ class PixArtDeltaControlNetApply:
 class PixArtDeltaHEDPreprocessor:
     DESCRIPTION = ("Turns a photo into HED soft edges, the control image the PixArt-δ ControlNet was trained on "
                    "(weights ControlNetHED.pth from lllyasviel's Annotators, in models/controlnet).")
-    CATEGORY = "PixArt-δ/controlnet"
+    CATEGORY = "PixArt/controlnet"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("edges",)
     OUTPUT_TOOLTIPS = ("The edge map (white edges on black, same size as the input), for Apply ControlNet.",)

@@ -29,7 +29,7 @@ class PixArtDeltaResolutionSelect:
     DESCRIPTION = ("Gives the width and height a PixArt model was trained on for an aspect ratio (its resolution "
                    "bins: 1024 px models get 1024-class sizes, 2K models 2048-class sizes). Feed them to Empty Latent "
                    "or a sampler.")
-    CATEGORY = "PixArt-δ/latent"
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("INT", "INT")
     RETURN_NAMES = ("width", "height")
     OUTPUT_TOOLTIPS = ("Width in pixels (a multiple of 16).", "Height in pixels (a multiple of 16).")
@@ -62,7 +62,7 @@ class PixArtDeltaResolutionSelect:
 class PixArtDeltaEmptyLatent:
     DESCRIPTION = ("An empty latent of the given size for the PixArt samplers (ComfyUI's own LATENT, so native "
                    "latent nodes work with it). Sizes must be multiples of 16.")
-    CATEGORY = "PixArt-δ/latent"
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("An all-zero latent batch (B, 4, height/8, width/8).",)

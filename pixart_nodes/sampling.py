@@ -61,7 +61,7 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
 class _SamplerNode:
     """What the two sampler nodes share: their category and output, the seed, denoise and the optional inputs."""
 
-    CATEGORY = "PixArt-δ/sampling"
+    CATEGORY = "PixArt/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt VAE Decode (Tiled) or ComfyUI's VAE Decode.",)

@@ -19,7 +19,7 @@ class PixArtDeltaT5Loader:
     DESCRIPTION = ("Loads the T5 v1.1 XXL text encoder PixArt uses, from models/text_encoders (e.g. "
                    "t5xxl_fp16.safetensors). int8 / nf4 (bitsandbytes) cut its memory to about 5 / 3 GB and also run "
                    "on the CPU; the tokenizer is the one ComfyUI ships.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (T5,)
     RETURN_NAMES = ("t5",)
     OUTPUT_TOOLTIPS = ("The T5 encoder, for PixArt T5 Text Encode.",)
@@ -71,7 +71,7 @@ class PixArtDeltaT5TextEncode:
     DESCRIPTION = ("Encodes a prompt and a negative prompt with T5 for PixArt. Connect the model so the prompt length "
                    "matches it (120 tokens for α/δ, 300 for Σ); ComfyUI keeps the result, so re-queuing the same "
                    "prompt is instant.")
-    CATEGORY = "PixArt-δ/conditioning"
+    CATEGORY = "PixArt/conditioning"
     RETURN_TYPES = (CONDITIONING,)
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = ("Prompt and negative-prompt embeddings, for the PixArt samplers.",)

@@ -60,7 +60,7 @@ class PixArtDeltaTransformerLoader:
     DESCRIPTION = ("Loads a PixArt transformer: α (256/512/1024-MS), δ (LCM, ControlNet files) or Σ (256 to 2K), in "
                    "the original .pth/.safetensors layout or diffusers' layout. What it detected is on the 'info' "
                    "output and in the console.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (MODEL, "STRING")
     RETURN_NAMES = ("model", "info")
     OUTPUT_TOOLTIPS = ("The transformer, for the PixArt samplers, resolution and text-encode nodes.",
@@ -122,5 +122,5 @@ class PixArtDeltaTransformerLoader:
         with bridge.about_file("Transformer file", model_name):
             model = model_cache.TRANSFORMERS.get_or_load(key, load_new)
         info = describe_detection(model_name, model.summary, precision, dtype)
-        log.info("PixArt-δ transformer loaded:\n%s", info)
+        log.info("PixArt transformer loaded:\n%s", info)
         return (model, info)

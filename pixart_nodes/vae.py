@@ -29,7 +29,7 @@ _TILE = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
 class PixArtDeltaVAELoader:
     DESCRIPTION = ("Loads the VAE PixArt decodes with, from models/vae: the SD VAE (sd-vae-ft-ema) for PixArt-α and δ, "
                    "the SDXL VAE for PixArt-Σ. Single files (ldm or diffusers layout) and diffusers folders load.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
     OUTPUT_TOOLTIPS = ("The VAE, for PixArt VAE Decode / Encode (Tiled) and Apply ControlNet.",)
@@ -78,7 +78,7 @@ class PixArtDeltaVAEDecodeTiled:
                    "decode in limited memory without seams. exact equals an untiled decode; fast bounds memory by "
                    "the tile size; auto picks the untiled network on the CPU while it fits (fastest), else exact "
                    "while it fits, else fast.")
-    CATEGORY = "PixArt-δ/latent"
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     OUTPUT_TOOLTIPS = ("The decoded images (ComfyUI IMAGE, 0..1).",)
@@ -111,8 +111,8 @@ class PixArtDeltaVAEDecodeTiled:
 
 class PixArtDeltaVAEEncodeTiled:
     DESCRIPTION = ("Encodes an image to a latent tile by tile (seam-free, limited memory), for img2img with the "
-                   "PixArt-δ samplers. Image sides should be multiples of 16 px for PixArt.")
-    CATEGORY = "PixArt-δ/latent"
+                   "PixArt samplers. Image sides should be multiples of 16 px for PixArt.")
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The image's latent (ComfyUI LATENT).",)

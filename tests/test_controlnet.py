@@ -133,13 +133,7 @@ def _inputs(batch=2, lh=8, lw=12, tokens=10, seed=0):
     return x, t, y, mask, hint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread is faster, and far faster on a busy machine (threads spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -42,12 +42,7 @@ def official_forward(sd, image, dtype=torch.float32):
     return (1 / (1 + torch.exp(-torch.mean(edges, dim=1, keepdim=True)))).clip(0, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def test_loads_official_layout_and_matches_the_official_computation(tmp_path):

@@ -31,13 +31,7 @@ CAPTION = 64  # tiny caption channels (T5 would give 4096)
 TEXT_LEN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far slower when several test processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

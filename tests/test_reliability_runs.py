@@ -29,7 +29,6 @@ from pixart_nodes import comfy_bridge as bridge
 from pixart_nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import T5_TOKENIZER
 
 CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
 FILES = {k: Path(v).name for k, v in harness.TINY_FILES.items()}
@@ -43,22 +42,9 @@ def node(name: str):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     models = harness.write_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-    work = tmp_path_factory.mktemp("comfy_dirs_runs")
-    harness.Directories.input, harness.Directories.output, harness.Directories.temp = (
-        str(work / "input"), str(work / "output"), str(work / "temp"))
-    harness.example_input(work / "input", "pixart_delta_example.png", 64)
-    bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
-    model_cache.clear_all()
-    yield models
-    bridge.set_models_root(None)
-    bridge.set_t5_tokenizer_dir(None)
-    bridge.request_interrupt(False)
-    model_cache.clear_all()
-    torch.set_num_threads(threads)
+    with harness.comfy_session(models, tmp_path_factory.mktemp("comfy_dirs_runs"), 64):
+        yield models
 
 
 @pytest.fixture(scope="module")
