@@ -1,5 +1,5 @@
-"""PixArt-δ ControlNet-Transformer: the model, and applying it with a strength and a start/end range of the schedule
-(pixart-reference.md §5).
+"""PixArt-δ ControlNet-Transformer: the model, and applying it with a strength and a start/end range of the
+schedule.
 
 How it works (α repo `diffusion/model/nets/pixart_controlnet.py`, "ControlNet-Half"):
 - The control image's VAE latent (x scale factor) is embedded by the FROZEN BASE patch embedder plus the base position

@@ -1,9 +1,10 @@
 """HED soft-edge detector, as the PixArt-δ ControlNet was trained with: lllyasviel's Apache-2.0 re-implementation
 (`ControlNetHED_Apache2`, weights `ControlNetHED.pth`, fp16, 29.4 MB), used by the α repo's `diffusion/model/hed.py`.
 
-Network (pixart-reference.md §5): RGB x 255 minus a learned per-channel offset `norm`; five VGG-like stages of 3x3
-convs + ReLU (64/128/256/512/512 channels; 2/2/3/3/3 convs; 2x2 max-pool before stages 2-5); a 1x1 projection to one
-channel after each stage; the five maps are resized (bilinear) to the input size, averaged, and squashed by a sigmoid.
+Network (lllyasviel's ControlNet `annotator/hed`): RGB x 255 minus a learned per-channel offset `norm`; five VGG-like
+stages of 3x3 convs + ReLU (64/128/256/512/512 channels; 2/2/3/3/3 convs; 2x2 max-pool before stages 2-5); a 1x1
+projection to one channel after each stage; the five maps are resized (bilinear) to the input size, averaged, and
+squashed by a sigmoid.
 The module names equal the checkpoint keys (`norm`, `block{1..5}.convs.{j}`, `block{1..5}.projection`);
 loading/hed_files.py reads the file.
 """
