@@ -43,15 +43,14 @@ class PixArtDeltaControlNetLoader:
     def load(self, controlnet_name: str):
         path = bridge.model_path(FOLDER, controlnet_name, "ControlNet file")
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()
-        key = (model_cache.file_identity(path), str(load_device))
 
         def load_new() -> ControlNet:
             module = load_controlnet(path, dtype=torch.float32, device=offload_device)
             return ControlNet(bridge.ManagedModel(module, load_device, offload_device), controlnet_name,
                               module.info.summary())
 
-        with bridge.about_file("ControlNet file", controlnet_name):
-            return (model_cache.CONTROLNETS.get_or_load(key, load_new),)
+        return (model_cache.load_file(model_cache.CONTROLNETS, path, (str(load_device),), load_new, "ControlNet file",
+                                      controlnet_name),)
 
 
 class PixArtDeltaControlNetApply:
@@ -133,8 +132,7 @@ class PixArtDeltaHEDPreprocessor:
     def detect(self, image: torch.Tensor, hed_name: str):
         path = bridge.model_path(FOLDER, hed_name, "HED weights file")
         device = bridge.compute_device()
-        key = (model_cache.file_identity(path), str(device))
-        with bridge.about_file("HED weights file", hed_name):
-            detector = model_cache.ANNOTATORS.get_or_load(key, lambda: load_hed(path, device=device))
+        detector = model_cache.load_file(model_cache.ANNOTATORS, path, (str(device),),
+                                         lambda: load_hed(path, device=device), "HED weights file", hed_name)
         edges = detector(image_to_core(image))  # (B, 1, H, W) in [0, 1]
         return (image_from_core(edges).to(bridge.intermediate_device()),)

@@ -51,8 +51,8 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
         negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
         init_latent=init, controls=[c.core() for c in control or ()], sampler=sampler, steps=steps,
         guidance_scale=guidance, denoise=denoise, step_cache=OLD_STEP_CACHES.get(step_cache, step_cache),
-        interrupt=bridge.check_interrupted, callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-        free_memory=bridge.free_cached_memory, raw_latents=True)
+        interrupt=bridge.check_interrupted, free_memory=bridge.free_cached_memory, raw_latents=True,
+        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised))
     out = {k: v for k, v in (latent or {}).items() if k != "noise_mask"}
     out["samples"] = latents.to(bridge.intermediate_device())
     return out

@@ -56,15 +56,14 @@ class PixArtDeltaT5Loader:
         if precision in ("int8", "nf4"):
             offload_device = load_device  # bitsandbytes weights are quantised where they are built; never moved
         tokenizer = bridge.t5_tokenizer_dir()
-        key = (model_cache.file_identity(path), precision, str(load_device), str(offload_device), tokenizer)
 
         def load_new() -> TextEncoder:
             encoder = load_t5(path, precision=precision, device=offload_device,
                               tokenizer_fallbacks=[tokenizer] if tokenizer else [])
             return TextEncoder(bridge.ManagedModel(encoder, load_device, offload_device), t5_name, precision)
 
-        with bridge.about_file("T5 encoder file", t5_name):
-            return (model_cache.TEXT_ENCODERS.get_or_load(key, load_new),)
+        settings = (precision, str(load_device), str(offload_device), tokenizer)
+        return (model_cache.load_file(model_cache.TEXT_ENCODERS, path, settings, load_new, "T5 encoder file", t5_name),)
 
 
 class PixArtDeltaT5TextEncode:

@@ -106,8 +106,6 @@ class PixArtDeltaTransformerLoader:
         overrides = _overrides(family, train_resolution, text_len)
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()
         dtype = bridge.auto_dtype(load_device) if precision in ("auto", *EIGHT_BIT) else _DTYPES[precision]
-        key = (model_cache.file_identity(path), precision, str(dtype), tuple(sorted(overrides.items())),
-               str(load_device))
 
         def load_new() -> PixArtModel:
             # int8 (bitsandbytes) weights stay on the device they were quantised on; fp8 weights are plain buffers
@@ -119,8 +117,9 @@ class PixArtDeltaTransformerLoader:
             summary = module.detection.summary()
             return PixArtModel(managed=managed, config=module.config, name=model_name, summary=summary)
 
-        with bridge.about_file("Transformer file", model_name):
-            model = model_cache.TRANSFORMERS.get_or_load(key, load_new)
+        settings = (precision, str(dtype), tuple(sorted(overrides.items())), str(load_device))
+        model = model_cache.load_file(model_cache.TRANSFORMERS, path, settings, load_new, "Transformer file",
+                                      model_name)
         info = describe_detection(model_name, model.summary, precision, dtype)
         log.info("PixArt transformer loaded:\n%s", info)
         return (model, info)

@@ -62,15 +62,14 @@ class PixArtDeltaVAELoader:
         path = bridge.model_path(FOLDER, vae_name, "VAE file")
         load_device, offload_device = bridge.vae_devices()
         dtype = bridge.vae_dtype(load_device) if precision == "auto" else _DTYPES[precision]
-        key = (model_cache.file_identity(path), kind, str(dtype), str(load_device))
 
         def load_new() -> Vae:
             module = load_vae(path, kind=kind, dtype=dtype, device=offload_device)
             info = {"kind": module.kind, "scaling_factor": module.scaling_factor, "can_encode": module.can_encode}
             return Vae(bridge.ManagedModel(module, load_device, offload_device), vae_name, info)
 
-        with bridge.about_file("VAE file", vae_name):
-            return (model_cache.VAES.get_or_load(key, load_new),)
+        settings = (kind, str(dtype), str(load_device))
+        return (model_cache.load_file(model_cache.VAES, path, settings, load_new, "VAE file", vae_name),)
 
 
 class PixArtDeltaVAEDecodeTiled:

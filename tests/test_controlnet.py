@@ -24,7 +24,8 @@ DEPTH = 14
 COPIES = 13
 CAPTION = 64
 
-# The test's own statement of the original block layout (diffusers' scripts/convert_pixart_alpha_to_diffusers.py), independent of the loader.
+# The test's own statement of the original block layout (diffusers' scripts/convert_pixart_alpha_to_diffusers.py),
+# independent of the loader.
 _BLOCK_RENAME = {
     "attn1.to_out.0.": "attn.proj.",
     "attn2.to_q.": "cross_attn.q_linear.",
