@@ -329,7 +329,7 @@ def test_cancel_while_loading_leaves_nothing_half_loaded(env, monkeypatch):
     """ComfyUI stops a run by raising from inside whatever is running; a loader interrupted halfway (transformer,
     ControlNet, T5) must not leave a half-built model in the cache."""
     import pixart_core.loading.checkpoint as checkpoint
-    import pixart_core.controlnet as controlnet
+    import pixart_core.loading.controlnet_files as controlnet
     import pixart_core.loading.t5_loading as t5_loading
 
     prompt = workflow(tile=32, mode="fast")
