@@ -135,6 +135,17 @@ def test_layout_run_time_packages_import_no_training_code_and_only_the_bridge_im
         ["pixart_nodes/comfy_bridge.py"]
 
 
+def test_layout_models_never_import_the_loaders():
+    """pixart_core/loading/ reads files into the models; the modules that make an image (and the model modules the
+    loaders fill) never import it, not even through another module (a fresh interpreter checks)."""
+    models = ["config", "transformer", "controlnet", "hed", "text_encoder", "vae", "vae_tiling", "schedule", "samplers",
+              "guidance", "step_cache", "resolution", "quantize"]
+    code = ("import sys\n" + "".join(f"import pixart_core.{m}\n" for m in models)
+            + "print(sorted(m for m in sys.modules if m.startswith('pixart_core.loading')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------------------------------------ ComfyUI's types
 def test_latent_and_image_are_comfyuis_own(env):
     """LATENT holds the VAE's raw latent (ComfyUI scales inside its models): the sampler's latent decoded the way
