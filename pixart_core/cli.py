@@ -28,7 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pixart_core", description="PixArt-α/Σ/δ without ComfyUI.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text to image (img2img with --init-image)")
+    gen = sub.add_parser("generate", help="text to image (img2img with --init-image, inpainting with --mask)")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path; with several images, _0, _1, ... are added before the suffix")
@@ -52,10 +52,15 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-binning", action="store_true", help="generate at exactly --width x --height")
     gen.add_argument("--init-image", help="start from this image (img2img)")
     gen.add_argument("--denoise", type=float, default=1.0, help="img2img strength, 0..1")
+    gen.add_argument("--mask", help="inpainting: a mask image for --init-image, white = repaint, black = keep "
+                                    "(grey blends; another size is stretched to the image's)")
     gen.add_argument("--cache", choices=list(STEP_CACHE_MODES), default="off",
                      help="step caching for multi-step samplers (faster, slightly different image): Δ-DiT reuses "
                           "block work on every second step, T-GATE freezes cross-attention and drops CFG for the "
                           "second half of the steps")
+    gen.add_argument("--lora", action="append", default=[], type=_lora_argument, metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA (diffusers, PEFT or kohya .safetensors) with a strength (default 1); repeat "
+                          "to stack several")
     gen.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="transformer precision")
     gen.add_argument("--t5-precision", choices=["fp32", "bf16", "fp16", "int8", "nf4"], default="bf16")
     gen.add_argument("--vae-dtype", choices=list(DTYPES), default="fp32")
@@ -65,6 +70,15 @@ def _build_parser() -> argparse.ArgumentParser:
     desc = sub.add_parser("describe", help="what a transformer checkpoint is, without loading its weights")
     desc.add_argument("path")
     return parser
+
+
+def _lora_argument(text: str) -> tuple[str, float]:
+    """FILE or FILE:STRENGTH (the last ':' counts only when a number follows, so C:\\ paths work)."""
+    path, _, strength = text.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -89,6 +103,19 @@ def _load_init_image(path: str):
     return arr.permute(2, 0, 1)[None]
 
 
+def _load_mask(path: str):
+    """A greyscale mask image as (1, H, W) in [0, 1] (white = 1 = repaint, as ComfyUI's masks)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert("L")
+    except (OSError, ValueError) as e:
+        raise PixArtError(f"Cannot read the mask {path!r}: {e}") from e
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -98,6 +125,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise PixArtError(f"--batch must be at least 1; got {args.batch}.")
     paths = _output_paths(args.output, args.batch)
+    if args.mask and not args.init_image:
+        raise PixArtError("--mask says which part of --init-image to repaint; give --init-image too.")
+    inpaint_mask = _load_mask(args.mask) if args.mask else None  # before the models: a bad file fails fast
     t0 = time.perf_counter()
     model, note = resolve_model(args.model, parts_given=None not in (args.transformer, args.t5, args.vae))
     if note:
@@ -107,6 +137,11 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=getattr(torch, DTYPES[args.dtype]), t5_precision=args.t5_precision,
         vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), device=args.device,
     )
+    if args.lora:
+        from .loading.lora_files import load_lora
+        from .lora import apply_loras
+
+        apply_loras(pipe.transformer, [(load_lora(path), strength) for path, strength in args.lora])
     print(f"loaded models in {time.perf_counter() - t0:.1f} s; sampler {args.sampler or pipe.default_sampler}",
           file=sys.stderr)
 
@@ -127,7 +162,7 @@ def _generate(args: argparse.Namespace) -> int:
             args.prompt, args.negative, width=args.width, height=args.height, num_images_per_prompt=args.batch,
             sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
             binning=not args.no_binning, lcm_table=args.lcm_table, init_image=init, denoise=args.denoise,
-            callback=callback, step_cache=args.cache,
+            inpaint_mask=inpaint_mask, callback=callback, step_cache=args.cache,
         )
     finally:
         if bar is not None:

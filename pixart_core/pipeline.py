@@ -32,6 +32,7 @@ from . import samplers
 from .controlnet import ControlInput, bind_controls
 from .errors import PixArtError
 from .guidance import GuidedEpsilon, InterruptCheck
+from .inpaint import InpaintEpsilon, mask_rows, pixel_mask, prepare_mask
 from .memory import FreeMemory, free_memory, is_out_of_memory
 from .resolution import SizePlan, plan_size, resize_and_crop
 from .schedule import ddpm_schedule
@@ -128,6 +129,7 @@ def generate_latents(
     lcm_table: str = "diffusers",
     init_latent: Optional[torch.Tensor] = None,
     denoise: float = 1.0,
+    noise_mask: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     controls: Optional[Sequence] = None,
     callback: Optional[samplers.Callback] = None,
@@ -137,9 +139,11 @@ def generate_latents(
     """Sample final latents from T5 embeddings (B or 1, L, C) and masks.
 
     batch_size defaults to the prompt batch. init_latent (img2img, model latent scale) must already have the
-    generation size (plan.latent_shape). noise: explicit starting noise instead of the seeded one (the per-image
-    generators still supply the sampler's later noise). step_cache: None/"off" (default), "delta-dit", "t-gate",
-    "both" or StepCacheOptions; it trades a small change of the image for speed (step_cache.py).
+    generation size (plan.latent_shape). noise_mask: inpainting (inpaint.py): only where it is 1 is init_latent
+    repainted; (h, w), (1 or B, h, w) or (1 or B, 1, h, w) at any size, resized to the latent. noise: explicit
+    starting noise instead of the seeded one (the per-image generators still supply the sampler's later noise).
+    step_cache: None/"off" (default), "delta-dit", "t-gate", "both" or StepCacheOptions; it trades a small
+    change of the image for speed (step_cache.py).
     """
     sampler = sampler or default_sampler(transformer)
     cache_options = step_cache_options(step_cache)  # checked here, before any work
@@ -162,8 +166,9 @@ def generate_latents(
         if init_latent.shape[0] not in (1, batch):
             raise PixArtError(f"{init_latent.shape[0]} input latents for a batch of {batch}; give 1 or {batch}.")
         init_latent = init_latent.to(device=device, dtype=torch.float32).expand(shape).contiguous()
-    elif denoise < 1.0:
-        raise PixArtError("denoise below 1 needs an input image or latent to start from.")
+    elif denoise < 1.0 or noise_mask is not None:
+        raise PixArtError(f"{'A noise mask' if noise_mask is not None else 'denoise below 1'} needs an input image "
+                          "or latent to start from.")
 
     timesteps = samplers.sampler_timesteps(sampler, steps, strength=denoise, lcm_table=lcm_table)
     noise_fn = PerImageNoise(image_generators(seed, batch))
@@ -181,8 +186,13 @@ def generate_latents(
         guidance_scale=guidance_scale, controls=controls, interrupt=interrupt, timesteps=timesteps,
         step_cache=cache_options,
     )
-    latents = samplers.sample(sampler, eps_fn, start_noise, ddpm_schedule(), timesteps, init_latent=init_latent,
+    schedule = ddpm_schedule()
+    if noise_mask is not None:
+        eps_fn = InpaintEpsilon(eps_fn, schedule, init_latent, start_noise, prepare_mask(noise_mask, shape, device))
+    latents = samplers.sample(sampler, eps_fn, start_noise, schedule, timesteps, init_latent=init_latent,
                               noise_fn=noise_fn, callback=callback)
+    if noise_mask is not None:
+        latents = eps_fn.blend(latents)
     return LatentResult(latents, plan, sampler, list(timesteps), guidance_scale, int(seed))
 
 
@@ -197,6 +207,7 @@ def sample_batch(
     batch_size: int,
     seed: int = 0,
     init_latent: Optional[torch.Tensor] = None,
+    noise_mask: Optional[torch.Tensor] = None,
     controls: Sequence[ControlInput] = (),
     interrupt: Optional[InterruptCheck] = None,
     free_memory: FreeMemory = free_memory,
@@ -207,17 +218,19 @@ def sample_batch(
     encode, and a fallback when memory runs out: the images are sampled one at a time instead (image k of a batch uses
     seed + k, so the result is the same); with one image it is a PixArtError saying what to lower.
 
-    init_latent: scaled latents (1 or batch_size images). controls: ControlInputs whose image batch is 1 or
-    batch_size. options: the rest of generate_latents' keywords (sampler, steps, guidance_scale, denoise, callback,
-    negative_embeds, negative_mask, step_cache). Returns the final scaled latents (B, 4, h, w).
+    init_latent: scaled latents (1 or batch_size images). noise_mask: the inpainting mask (generate_latents).
+    controls: ControlInputs whose image batch is 1 or batch_size. options: the rest of generate_latents' keywords
+    (sampler, steps, guidance_scale, denoise, callback, negative_embeds, negative_mask, step_cache).
+    Returns the final scaled latents (B, 4, h, w).
     raw_latents: init_latent and the result are raw VAE latents (what ComfyUI's LATENT holds) instead."""
     if raw_latents:
         scale = transformer.config.latent_scale
         init = None if init_latent is None else raw_to_scaled(init_latent, scale)
         return scaled_to_raw(sample_batch(transformer, embeds, mask, width=width, height=height, batch_size=batch_size,
-                                          seed=seed, init_latent=init, controls=controls, interrupt=interrupt,
-                                          free_memory=free_memory, **options), scale)
+                                          seed=seed, init_latent=init, noise_mask=noise_mask, controls=controls,
+                                          interrupt=interrupt, free_memory=free_memory, **options), scale)
     _check_batch_inputs(transformer, embeds, init_latent, controls, batch_size)
+    masks = None if noise_mask is None else mask_rows(noise_mask, batch_size)  # one per image, for the split below
 
     def generate(first: int, count: int) -> torch.Tensor:
         """Images first .. first+count-1 of the batch (their seeds, start latents and control images)."""
@@ -226,6 +239,7 @@ def sample_batch(
         start = init_latent if init_latent is None or init_latent.shape[0] == 1 else init_latent[first:first + count]
         return generate_latents(transformer, embeds, mask, width=width, height=height, seed=seed + first,
                                 batch_size=count, binning=False, init_latent=start, controls=hints,
+                                noise_mask=None if masks is None else masks[first:first + count],
                                 interrupt=interrupt, **options).latents
 
     try:
@@ -360,6 +374,7 @@ class PixArtPipeline:
         unconditional: str = "empty",
         init_image: Optional[torch.Tensor] = None,
         denoise: float = 1.0,
+        inpaint_mask: Optional[torch.Tensor] = None,
         callback: Optional[samplers.Callback] = None,
         interrupt: Optional[InterruptCheck] = None,
         output_type: str = "pil",
@@ -367,6 +382,7 @@ class PixArtPipeline:
     ):
         """Generate images. output_type: "pil" (list of PIL images), "pt" ((B, 3, H, W) in [0, 1]) or "latent"
         (the LatentResult, nothing decoded). init_image: (B or 1, 3, H, W) in [0, 1] for img2img with `denoise`.
+        inpaint_mask: (H, W) or (B or 1, H, W) in [0, 1] over init_image's pixels, 1 = repaint (inpaint.py).
         step_cache: off by default; "delta-dit", "t-gate" or "both" (or StepCacheOptions) for faster multi-step
         sampling at a small, measured change of the image (README "Step caching")."""
         from .text_encoder import encode_prompts
@@ -391,14 +407,16 @@ class PixArtPipeline:
             embeds, mask = self.text_encoder.encode(prompts, cfg.text_len, clean_caption)
         embeds, mask = embeds.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         plan = plan_size(width, height, cfg.bin_size, binning)
-        init_latent = None
+        init_latent = noise_mask = None
         if init_image is not None:
             init_latent = self.vae.encode(resize_and_crop(init_image.float(), plan.gen_width, plan.gen_height))
+        if inpaint_mask is not None:
+            noise_mask = pixel_mask(inpaint_mask, init_image, plan.gen_width, plan.gen_height)
         result = generate_latents(
             self.transformer, embeds, mask, width=width, height=height,
             negative_embeds=neg, negative_mask=neg_mask,
             sampler=sampler, steps=steps, guidance_scale=scale, seed=seed, batch_size=len(prompts) * n,
-            binning=binning, lcm_table=lcm_table, init_latent=init_latent, denoise=denoise,
+            binning=binning, lcm_table=lcm_table, init_latent=init_latent, denoise=denoise, noise_mask=noise_mask,
             callback=callback, interrupt=interrupt, step_cache=step_cache,
         )
         if output_type == "latent":

@@ -8,6 +8,7 @@ The package is `pixart_nodes`, not `nodes`: ComfyUI has a top-level nodes.py, an
 
 from .controlnet import PixArtDeltaControlNetApply, PixArtDeltaControlNetLoader, PixArtDeltaHEDPreprocessor
 from .latent_size import PixArtDeltaEmptyLatent, PixArtDeltaResolutionSelect
+from .lora_loader import PixArtDeltaLoraLoader
 from .sampling import PixArtDeltaLCMSampler, PixArtDeltaSampler
 from .text_encode import PixArtDeltaT5Loader, PixArtDeltaT5TextEncode
 from .transformer_loader import PixArtDeltaTransformerLoader
@@ -15,6 +16,7 @@ from .vae import PixArtDeltaVAEDecodeTiled, PixArtDeltaVAEEncodeTiled, PixArtDel
 
 NODE_CLASS_MAPPINGS = {
     "PixArtDeltaTransformerLoader": PixArtDeltaTransformerLoader,
+    "PixArtDeltaLoraLoader": PixArtDeltaLoraLoader,
     "PixArtDeltaT5Loader": PixArtDeltaT5Loader,
     "PixArtDeltaT5TextEncode": PixArtDeltaT5TextEncode,
     "PixArtDeltaResolutionSelect": PixArtDeltaResolutionSelect,
@@ -31,6 +33,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PixArtDeltaTransformerLoader": "PixArt Load Transformer",
+    "PixArtDeltaLoraLoader": "PixArt Load LoRA",
     "PixArtDeltaT5Loader": "PixArt Load T5 Encoder",
     "PixArtDeltaT5TextEncode": "PixArt T5 Text Encode",
     "PixArtDeltaResolutionSelect": "PixArt Resolution",

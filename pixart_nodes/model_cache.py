@@ -88,7 +88,8 @@ TEXT_ENCODERS = ModelCache(capacity=_strong(1))  # T5-XXL is 5-19 GB: keep one
 VAES = ModelCache(capacity=_strong(2))
 CONTROLNETS = ModelCache(capacity=_strong(2))
 ANNOTATORS = ModelCache(capacity=_strong(1))
-_ALL = (TRANSFORMERS, TEXT_ENCODERS, VAES, CONTROLNETS, ANNOTATORS)
+LORAS = ModelCache(capacity=_strong(4))
+_ALL = (TRANSFORMERS, TEXT_ENCODERS, VAES, CONTROLNETS, ANNOTATORS, LORAS)
 
 
 def clear_all() -> None:

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from pixart_core.lora import loras_applied
 from pixart_core.pipeline import sample_batch
 from pixart_core.step_cache import MODES as STEP_CACHE_MODES
 
@@ -40,20 +41,23 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
                 latent: dict | None, control, step_cache: str = "off") -> dict:
     """The one core call both sampler nodes make (pipeline.sample_batch on the LATENT's raw latents), with ComfyUI's
-    model loading, progress, preview, Cancel and memory release hooked in."""
-    if latent is not None and "noise_mask" in latent:
-        log.warning("PixArt samplers ignore the latent's noise mask (inpainting is not supported).")
-    init = latent_tensor(latent) if latent is not None and denoise < 1.0 else None
+    model loading, progress, preview, Cancel and memory release hooked in. A LATENT with a noise_mask is inpainted:
+    only where the mask is 1 is it repainted (pixart_core/inpaint.py)."""
+    noise_mask = (latent or {}).get("noise_mask")  # Set Latent Noise Mask / VAE Encode (for Inpainting)
+    start = latent is not None and (denoise < 1.0 or noise_mask is not None)
+    init = latent_tensor(latent) if start else None
     bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
     progress = bridge.sampling_progress(model.config.family, model.module.device)
-    latents = sample_batch(
-        model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
-        negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
-        init_latent=init, controls=[c.core() for c in control or ()], sampler=sampler, steps=steps,
-        guidance_scale=guidance, denoise=denoise, step_cache=OLD_STEP_CACHES.get(step_cache, step_cache),
-        interrupt=bridge.check_interrupted, free_memory=bridge.free_cached_memory, raw_latents=True,
-        callback=lambda step, total, x, denoised: progress(step + 1, total, denoised))
-    out = {k: v for k, v in (latent or {}).items() if k != "noise_mask"}
+    with loras_applied(model.module, model.loras):  # LoRAs only while sampling: the cached module stays the base
+        latents = sample_batch(
+            model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
+            negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
+            init_latent=init, noise_mask=noise_mask, controls=[c.core() for c in control or ()], sampler=sampler,
+            steps=steps, guidance_scale=guidance, denoise=denoise, raw_latents=True,
+            step_cache=OLD_STEP_CACHES.get(step_cache, step_cache), interrupt=bridge.check_interrupted,
+            free_memory=bridge.free_cached_memory,
+            callback=lambda step, total, x, denoised: progress(step + 1, total, denoised))
+    out = dict(latent or {})  # as ComfyUI's KSampler: the mask stays on the latent for a second pass
     out["samples"] = latents.to(bridge.intermediate_device())
     return out
 
@@ -120,7 +124,8 @@ class PixArtDeltaLCMSampler(_SamplerNode):
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional: a latent whose size and batch to use; its content is "
-                                                 "the starting image when denoise is below 1."}),
+                                                 "the starting image when denoise is below 1, and with a noise mask "
+                                                 "(Set Latent Noise Mask) only the masked part is redrawn."}),
                 **cls.optional_inputs(),
             },
         }
@@ -143,7 +148,8 @@ class PixArtDeltaLCMSampler(_SamplerNode):
 class PixArtDeltaSampler(_SamplerNode):
     DESCRIPTION = ("Samples PixArt-α / Σ (and δ) with DPM-Solver++ 2M (the official default: 20 steps, CFG 4.5), "
                    "SA-Solver (25 steps, CFG 3), Euler or DDIM. Denoise below 1 refines the connected latent "
-                   "(img2img, hires-fix).")
+                   "(img2img, hires-fix). A latent with a noise mask (Set Latent Noise Mask) is inpainted: only the "
+                   "masked part is redrawn.")
     STEP_CACHE_TOOLTIP = (
         "Step caching, off by default: reuses work of earlier steps, faster at a small change of the image. "
         "delta-dit skips most blocks on every second step; t-gate reuses cross-attention and drops CFG for the "
@@ -157,8 +163,9 @@ class PixArtDeltaSampler(_SamplerNode):
                 "model": (MODEL, {"tooltip": "A PixArt transformer from PixArt Load Transformer."}),
                 "conditioning": (CONDITIONING, {"tooltip": "Prompt and negative prompt from PixArt T5 Text Encode."}),
                 "latent": ("LATENT", {"tooltip": "Sets the size and batch (PixArt Empty Latent or ComfyUI's); with "
-                                                 "denoise below 1 also the starting image. Sides: multiples of 16 "
-                                                 "px."}),
+                                                 "denoise below 1 also the starting image; with a noise mask (Set "
+                                                 "Latent Noise Mask) only the masked part is redrawn. Sides: "
+                                                 "multiples of 16 px."}),
                 "seed": _SEED,
                 "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
                                   "tooltip": "Sampling steps: 20 for DPM-Solver++, 25 for SA-Solver (official)."}),

@@ -39,10 +39,12 @@ class LoadedModel:
 
 @dataclass
 class PixArtModel(LoadedModel):
-    """A loaded transformer with its detected shape and a readable summary."""
+    """A loaded transformer with its detected shape and a readable summary, and the LoRAs (file, strength) the
+    samplers apply to it while they run (Load LoRA returns a new PixArtModel; the module stays the base)."""
 
     config: PixArtConfig
     summary: dict
+    loras: tuple = ()
 
 
 @dataclass

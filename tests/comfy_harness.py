@@ -129,10 +129,25 @@ class LatentUpscaleBy:
         return (s,)
 
 
+class SetLatentNoiseMask:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "set_mask"
+    CATEGORY = "latent/inpaint"
+
+    def set_mask(self, samples, mask):
+        s = dict(samples)
+        s["noise_mask"] = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+        return (s,)
+
+
 NATIVE_NODES = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage,
-                "LatentUpscaleBy": LatentUpscaleBy}
+                "LatentUpscaleBy": LatentUpscaleBy, "SetLatentNoiseMask": SetLatentNoiseMask}
 NATIVE_DISPLAY_NAMES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image",
-                        "LatentUpscaleBy": "Upscale Latent By"}
+                        "LatentUpscaleBy": "Upscale Latent By", "SetLatentNoiseMask": "Set Latent Noise Mask"}
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -372,6 +387,7 @@ TINY_FILES = {
     "t5": "text_encoders/t5xxl_fp16.safetensors",
     "sd_vae": "vae/sd-vae-ft-ema.safetensors",
     "sdxl_vae": "vae/sdxl_vae.safetensors",
+    "lora": "loras/PixArt-Sigma-example-lora.safetensors",
 }
 
 _written: dict[str, Path] = {}
@@ -447,14 +463,32 @@ def write_tiny_models(root: Path) -> Path:
         # as released: sd-vae-ft-ema's diffusion_pytorch_model.safetensors (diffusers keys, renamed, README);
         # stabilityai/sdxl-vae's sdxl_vae.safetensors is the original ldm layout (decoder.up.N, mid.attn_1, ...)
         save_file(state if name == "sd_vae" else contiguous(to_ldm(state)), str(root / TINY_FILES[name]))
+    save_file(_tiny_lora(depth=2, seed=20), str(root / TINY_FILES["lora"]))
     _written[key] = root
     return root
 
 
+def _tiny_lora(depth: int, seed: int, rank: int = 4, scale: float = 0.05) -> dict:
+    """A LoRA for the tiny transformers as diffusers' save_lora_weights names it (transformer.<diffusers key>)."""
+    from tests.factories import TINY_WIDTH
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(depth):
+        for layer in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "ff.net.2"):
+            fan_in = 4 * TINY_WIDTH if layer == "ff.net.2" else TINY_WIDTH
+            name = f"transformer.transformer_blocks.{i}.{layer}"
+            out[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * scale
+            out[f"{name}.lora_B.weight"] = torch.randn(TINY_WIDTH, rank, generator=g) * scale
+    return out
+
+
 def example_input(input_dir: Path, name: str, size: int) -> Path:
-    """The workflows' example picture, shrunk for fast tests, under the name the workflows load."""
+    """A workflows' example picture, shrunk for fast tests, under the name the workflows load (its alpha, the
+    inpainting mask, kept)."""
     sys_path_root = Path(__file__).resolve().parents[1]
-    image = Image.open(sys_path_root / "workflows" / "input" / name).convert("RGB").resize((size, size))
+    image = Image.open(sys_path_root / "workflows" / "input" / name)
+    image = image.convert("RGBA" if "A" in image.getbands() else "RGB").resize((size, size))
     input_dir.mkdir(parents=True, exist_ok=True)
     image.save(input_dir / name)
     return input_dir / name

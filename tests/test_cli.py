@@ -187,3 +187,33 @@ def test_cache_option_reaches_the_sampling_loop(tiny_pipeline, tmp_path, capsys,
     with pytest.raises(SystemExit):
         cli.main(["generate", "a cat", "--cache", "fast", *common])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_lora_option_applies_stacked_loras(tiny_pipeline, tmp_path, capsys, no_hub):
+    """--lora FILE[:STRENGTH], repeatable: strength 0 is the base image exactly, +s then -s cancel, a LoRA for
+    another model is one message (exit 2)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from tests.comfy_harness import _tiny_lora
+
+    lora = tmp_path / "style.safetensors"
+    save_file(_tiny_lora(depth=2, seed=5, scale=0.5), str(lora))
+    common = ["--model", str(tiny_pipeline), "--width", "128", "--height", "128", "--no-binning", "--dtype", "fp32",
+              "--t5-precision", "fp32", "--steps", "1", "--no-progress"]
+
+    def pixels(name, *loras):
+        options = [a for path in loras for a in ("--lora", path)]
+        code = cli.main(["generate", "a cat", "-o", str(tmp_path / name), *common, *options])
+        assert code == 0, capsys.readouterr().err
+        return torch.tensor(np.array(Image.open(tmp_path / name)), dtype=torch.float32)
+
+    base = pixels("base.png")
+    assert torch.equal(pixels("zero.png", f"{lora}:0"), base)
+    assert (pixels("one.png", str(lora)) - base).abs().max() > 10  # 8-bit pixel values
+    assert (pixels("cancel.png", f"{lora}:0.7", f"{lora}:-0.7") - base).abs().max() <= 1  # rounding to 8 bits
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, str(sdxl))
+    assert cli.main(["generate", "a cat", "-o", str(tmp_path / "x.png"), *common, "--lora", str(sdxl)]) == 2
+    assert "sdxl.safetensors is a Stable Diffusion / SDXL UNet LoRA" in capsys.readouterr().err

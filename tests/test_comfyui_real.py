@@ -136,12 +136,13 @@ def server(tmp_path_factory):
         "pixart_delta_test:\n"
         f"  base_path: {models}\n"
         "  diffusion_models: diffusion_models\n  checkpoints: checkpoints\n  text_encoders: text_encoders\n"
-        "  vae: vae\n  controlnet: controlnet\n"
+        "  vae: vae\n  controlnet: controlnet\n  loras: loras\n"
         + custom_nodes_line
     )
     for d in ("input", "output", "temp", "user"):
         (base / d).mkdir()
     harness.example_input(base / "input", build.EXAMPLE_IMAGE, 64)
+    harness.example_input(base / "input", build.INPAINT_IMAGE, 64)
     port = free_port()
     log_path = base / "comfyui.log"
     log = open(log_path, "w")

@@ -37,6 +37,8 @@ EXPECTED = {
     "pixart_delta_controlnet_hed_lcm": {"SaveImage": (64, 64), "PreviewImage": (64, 64)},
     "pixart_sigma_low_memory_int8": {"SaveImage": (256, 256)},
     "pixart_alpha_img2img": {"SaveImage": (64, 64)},
+    "pixart_alpha_inpaint": {"SaveImage": (64, 64)},
+    "pixart_sigma_lora": {"SaveImage": (256, 256)},
 }
 
 
@@ -49,6 +51,7 @@ def env(tmp_path_factory):
     models = harness.write_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
     work = tmp_path_factory.mktemp("comfy_dirs")
     with harness.comfy_session(models, work, TEST_SIZE, build.EXAMPLE_IMAGE):
+        harness.example_input(work / "input", build.INPAINT_IMAGE, TEST_SIZE)
         yield work
 
 
@@ -69,12 +72,13 @@ def shrink(prompt: dict) -> dict:
 
 def test_files_are_what_build_py_makes(tmp_path):
     written = build.write(tmp_path)
-    assert len(written) == 2 * len(NAMES) + 1
+    assert len(written) == 2 * len(NAMES) + 2
     for path in written:
         if path.suffix == ".json":
             rel = path.relative_to(tmp_path)
             assert load(WORKFLOWS / rel) == load(path), f"{rel} is stale: run python workflows/build.py"
-    assert (WORKFLOWS / "input" / build.EXAMPLE_IMAGE).is_file()
+    for image in (build.EXAMPLE_IMAGE, build.INPAINT_IMAGE):
+        assert (WORKFLOWS / "input" / image).is_file()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -108,7 +112,7 @@ def run_and_measure(prompt: dict, name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ saved before issue #20
 OLD_COMMIT = "3d3ec73"  # the workflows as users saved them before display names, step-cache spelling and W:H labels
-OLD_NAMES = sorted(set(NAMES) - {"pixart_nano_lcm"})  # nano came after that commit
+OLD_NAMES = sorted(set(NAMES) - {"pixart_nano_lcm", "pixart_alpha_inpaint", "pixart_sigma_lora"})  # newer than that commit
 
 
 def old_file(rel: str) -> dict:

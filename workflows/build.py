@@ -2,8 +2,9 @@
 API-format file (POST /prompt), from the same graph, so the two cannot drift.
 
 Run from the repository root:  python workflows/build.py
-Writes workflows/<name>.json (UI, frontend 1.27 shape), workflows/api/<name>.json (API) and the example input image
-workflows/input/pixart_delta_example.png (copy it into ComfyUI/input for the ControlNet and img2img workflows).
+Writes workflows/<name>.json (UI, frontend 1.27 shape), workflows/api/<name>.json (API) and the example input images
+workflows/input/pixart_delta_example.png (for the ControlNet and img2img workflows) and pixart_inpaint_example.png (the
+same picture with a transparent hole to repaint, for the inpainting workflow); copy them into ComfyUI/input.
 The tests check that every UI file converts to exactly its API twin and that every API file runs.
 """
 
@@ -24,6 +25,7 @@ from pixart_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa
 
 FRONTEND_VERSION = "1.27.10"
 EXAMPLE_IMAGE = "pixart_delta_example.png"
+INPAINT_IMAGE = "pixart_inpaint_example.png"
 
 # The model files the workflows name: the official file names, in the folders the README's table gives.
 LCM = "PixArt-LCM-XL-2-1024-MS.safetensors"
@@ -35,6 +37,7 @@ HED = "ControlNetHED.pth"
 T5 = "t5xxl_fp16.safetensors"
 SD_VAE = "sd-vae-ft-ema.safetensors"
 SDXL_VAE = "sdxl_vae.safetensors"
+LORA = "PixArt-Sigma-example-lora.safetensors"  # stands for any PixArt-Σ LoRA in models/loras
 
 # PixArt-nano, which ships with the pack (pixart_core/loading/bundled.py names it in the loaders' lists)
 NANO_LCM = "PixArt-nano-LCM (bundled)"
@@ -52,6 +55,8 @@ NATIVE = {
     "SaveImage": ({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}}, (), (),
                   "Save Image"),
     "PreviewImage": ({"required": {"images": ("IMAGE",)}}, (), (), "Preview Image"),
+    "SetLatentNoiseMask": ({"required": {"samples": ("LATENT",), "mask": ("MASK",)}}, ("LATENT",), ("LATENT",),
+                           "Set Latent Noise Mask"),
     "LatentUpscaleBy": ({"required": {"samples": ("LATENT",), "upscale_method": (["nearest-exact", "bilinear", "area",
                                                                                    "bicubic", "bislerp"],),
                                       "scale_by": ("FLOAT", {"default": 1.5})}}, ("LATENT",), ("LATENT",),
@@ -262,10 +267,11 @@ def _default(spec: tuple):
 
 
 # ----------------------------------------------------------------------------------------------------- workflows
-def _text_to_latent_parts(wf: Workflow, model_file: str, t5_precision: str = "bf16", precision: str = "auto"):
+def _text_to_latent_parts(wf: Workflow, model_file: str, t5_precision: str = "bf16", precision: str = "auto",
+                          prompt: str = PROMPT):
     model = wf.add("PixArtDeltaTransformerLoader", model_name=model_file, precision=precision)
     t5 = wf.add("PixArtDeltaT5Loader", t5_name=T5, precision=t5_precision)
-    cond = wf.add("PixArtDeltaT5TextEncode", t5=t5[0], model=model[0], prompt=PROMPT, negative_prompt="")
+    cond = wf.add("PixArtDeltaT5TextEncode", t5=t5[0], model=model[0], prompt=prompt, negative_prompt="")
     return model, cond
 
 
@@ -363,6 +369,42 @@ def img2img() -> Workflow:
     return wf
 
 
+def inpaint() -> Workflow:
+    wf = Workflow("pixart_alpha_inpaint", "Inpainting: Load Image's mask, VAE encode, Set Latent Noise Mask, sample")
+    photo = wf.add("LoadImage", image=INPAINT_IMAGE)
+    vae = wf.add("PixArtDeltaVAELoader", vae_name=SD_VAE)
+    encoded = wf.add("PixArtDeltaVAEEncodeTiled", pixels=photo[0], vae=vae[0])
+    masked = wf.add("SetLatentNoiseMask", samples=encoded[0], mask=photo[1])
+    model, cond = _text_to_latent_parts(wf, ALPHA_1024, prompt="a small red wooden barn with a white door on a green "
+                                        "hill, sunny day, photograph")
+    latent = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
+                    latent=masked[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)
+    image = wf.add("PixArtDeltaVAEDecodeTiled", samples=latent[0], vae=vae[0])
+    wf.add("SaveImage", images=image[0], filename_prefix="PixArt-alpha-inpaint")
+    wf.note(f"Inpainting: only the masked part is redrawn, the rest is kept. The mask is Load Image's MASK: the "
+            f"transparent pixels of {INPAINT_IMAGE} (paint your own with right click > Open in MaskEditor). Lower "
+            f"denoise to keep more of what was under the mask.\ninput/{INPAINT_IMAGE}\n"
+            f"models/diffusion_models/{ALPHA_1024}\nmodels/text_encoders/{T5}\nmodels/vae/{SD_VAE}")
+    return wf
+
+
+def sigma_lora() -> Workflow:
+    wf = Workflow("pixart_sigma_lora", "PixArt-Σ 1024 with a LoRA (PixArt Load LoRA, strength 0.8)")
+    base = wf.add("PixArtDeltaTransformerLoader", model_name=SIGMA_1024)
+    model = wf.add("PixArtDeltaLoraLoader", model=base[0], lora_name=LORA, strength=0.8)
+    t5 = wf.add("PixArtDeltaT5Loader", t5_name=T5, precision="bf16")
+    cond = wf.add("PixArtDeltaT5TextEncode", t5=t5[0], model=model[0], prompt=PROMPT, negative_prompt="")
+    size = wf.add("PixArtDeltaResolutionSelect", model=model[0], aspect_ratio="1:1")
+    empty = wf.add("PixArtDeltaEmptyLatent", width=size[0], height=size[1], batch_size=1)
+    latent = wf.add("PixArtDeltaSampler", seed_control="randomize", model=model[0], conditioning=cond[0],
+                    latent=empty[0], seed=42, steps=20, cfg=4.5, sampler_name="dpmpp_2m", denoise=1.0)
+    _decode_and_save(wf, latent[0], SDXL_VAE, "PixArt-sigma-LoRA")
+    wf.note(f"A PixArt-Σ LoRA (diffusers, PEFT or kohya .safetensors) at strength 0.8; chain PixArt Load LoRA nodes "
+            f"to stack LoRAs. Pick your own LoRA in the node.\nmodels/loras/{LORA}\n"
+            f"models/diffusion_models/{SIGMA_1024}\nmodels/text_encoders/{T5}\nmodels/vae/{SDXL_VAE}")
+    return wf
+
+
 def nano_lcm() -> Workflow:
     wf = Workflow("pixart_nano_lcm", "PixArt-nano (ships with the pack): LCM 4 steps at 64 px, seconds on a CPU")
     model = wf.add("PixArtDeltaTransformerLoader", model_name=NANO_LCM, precision="fp32")
@@ -378,7 +420,8 @@ def nano_lcm() -> Workflow:
     return wf
 
 
-WORKFLOWS = (nano_lcm, lcm_text_to_image, alpha_dpm, sigma_2k_to_4k, controlnet_hed_lcm, low_memory, img2img)
+WORKFLOWS = (nano_lcm, lcm_text_to_image, alpha_dpm, sigma_2k_to_4k, controlnet_hed_lcm, low_memory, img2img,
+             inpaint, sigma_lora)
 
 
 def all_workflows() -> list[Workflow]:
@@ -408,6 +451,19 @@ def example_image(size: int = 1024):
     return img
 
 
+def inpaint_example_image(size: int = 1024):
+    """The example picture with a transparent hole over the house: Load Image's MASK (1 - alpha) marks it for
+    repainting, as a mask painted in ComfyUI's mask editor does."""
+    from PIL import Image, ImageDraw
+
+    img = example_image(size).convert("RGBA")
+    alpha = Image.new("L", img.size, 255)
+    s = size / 1024
+    ImageDraw.Draw(alpha).rectangle([330 * s, 420 * s, 690 * s, 800 * s], fill=0)
+    img.putalpha(alpha)
+    return img
+
+
 def write(out_dir: Path = HERE) -> list[Path]:
     written = []
     (out_dir / "api").mkdir(parents=True, exist_ok=True)
@@ -417,9 +473,10 @@ def write(out_dir: Path = HERE) -> list[Path]:
         ui_path.write_text(json.dumps(wf.ui(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         api_path.write_text(json.dumps(wf.api(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         written += [ui_path, api_path]
-    image_path = out_dir / "input" / EXAMPLE_IMAGE
-    example_image().save(image_path, optimize=True)
-    written.append(image_path)
+    for name, make in ((EXAMPLE_IMAGE, example_image), (INPAINT_IMAGE, inpaint_example_image)):
+        image_path = out_dir / "input" / name
+        make().save(image_path, optimize=True)
+        written.append(image_path)
     return written
 
 

@@ -340,6 +340,19 @@ def diffusers_to_original_plan(keys: list[str]) -> dict[str, list[str]]:
     return plan
 
 
+def diffusers_name_to_original(name: str) -> tuple[str, int, int]:
+    """One diffusers module name -> (original module name, part, parts). part/parts place it among the projections
+    the original fuses (attn1.to_k is part 1 of 3 of attn.qkv); unfused names give (name, 0, 1), and names that are
+    already original pass through unchanged."""
+    m = re.match(r"transformer_blocks\.(\d+)\.(.*)$", name)
+    if m:
+        for fused, parts in _FUSED.items():
+            if m.group(2) in parts:
+                return f"blocks.{m.group(1)}.{fused}", parts.index(m.group(2)), len(parts)
+    (renamed,) = diffusers_to_original_plan([name + ".weight"])
+    return renamed[: -len(".weight")], 0, 1
+
+
 def original_plan(keys: list[str], prefix: str = "") -> dict[str, list[str]]:
     """Original layout under a prefix: original key -> [file key]."""
     return {k[len(prefix):]: [k] for k in keys if k.startswith(prefix)}
