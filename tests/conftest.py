@@ -31,6 +31,20 @@ def torch_threads(count: int):
         torch.set_num_threads(threads)
 
 
+def record_keyword(monkeypatch, owner, name: str, keyword: str) -> list:
+    """Wrap owner.name so every call is recorded by its `keyword` argument (None when not passed), then runs as
+    before; returns the list the values go to."""
+    seen = []
+    original = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get(keyword))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models run fastest on one thread, and the suite shares two cores: two OpenMP threads wait on each other

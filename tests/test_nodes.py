@@ -17,6 +17,7 @@ from pixart_nodes import comfy_bridge as bridge
 from pixart_nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
+from tests.conftest import record_keyword
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
@@ -488,18 +489,13 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     from pixart_nodes import sampling
     from pixart_core.transformer import PixArtTransformer
 
-    seen_options, batches = [], []
-    core, forward = sampling.sample_batch, PixArtTransformer.forward
-
-    def spy_core(*args, step_cache=None, **kwargs):
-        seen_options.append(step_cache)
-        return core(*args, step_cache=step_cache, **kwargs)
+    batches, forward = [], PixArtTransformer.forward
+    seen_options = record_keyword(monkeypatch, sampling, "sample_batch", "step_cache")
 
     def spy_forward(self, x, *args, **kwargs):
         batches.append((x.shape[0], "cross_attn_hook" in kwargs, "block_hook" in kwargs))
         return forward(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(sampling, "sample_batch", spy_core)
     monkeypatch.setattr(PixArtTransformer, "forward", spy_forward)
 
     def latent(cache, sampler="dpmpp_2m"):
