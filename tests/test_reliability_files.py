@@ -97,6 +97,7 @@ def env(tmp_path_factory, tiny):
     for folder in FOLDERS:
         (root / folder).mkdir()
     for rel in harness.TINY_FILES.values():
+        (root / rel).parent.mkdir(exist_ok=True)  # folders without a loader case here too (loras)
         shutil.copy(tiny / rel, root / rel)
     with harness.comfy_session(root, tmp_path_factory.mktemp("comfy_dirs_files"), 32):
         yield root
