@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pixart_core.loading.t5_loading import build_t5_encoder, load_tokenizer  # noqa: E402
-from pixart_core.text_encoder import T5TextEncoder, clear_cache  # noqa: E402
+from pixart_core.text_encoder import T5TextEncoder  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "t5-v1_1-xxl"
 SIZES = {  # T5-v1.1-XXL, and a small one for --quick
@@ -73,10 +73,9 @@ def measure(size: str, precision: str, max_length: int, tokenizer_dir: Path) -> 
     model = build_t5_encoder(t5_config(size), random_tensor, precision, "cpu")
     build_s = time.perf_counter() - start
     rss_after, peak = memory_bytes()
-    encoder = T5TextEncoder(model, tokenizer, precision)
+    encoder = T5TextEncoder(model, tokenizer, precision)  # no prompt cache: each call runs T5
     times = []
     for _ in range(2):
-        clear_cache()
         start = time.perf_counter()
         embeds, _ = encoder.encode([PROMPT], max_length)
         times.append(time.perf_counter() - start)

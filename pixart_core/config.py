@@ -21,7 +21,8 @@ V_PREDICTION = "v_prediction"
 PREDICTION_TYPES = (EPSILON, V_PREDICTION)
 
 # Position-embedding interpolation by training size (latent px), from the official inference and convert scripts
-# (pixart-reference.md §1.3.4). α-256 is 1.0: the diffusers script's 0.5 for α-256 is defined but never used.
+# (α repo `PixArt.py` lewei_scale, Σ repo pe_interpolation). α-256 is 1.0: the diffusers script's 0.5 for α-256 is
+# defined but never used.
 PE_INTERPOLATION = {
     ALPHA: {32: 1.0, 64: 1.0, 128: 2.0},
     SIGMA: {32: 0.5, 64: 1.0, 128: 2.0, 256: 4.0},

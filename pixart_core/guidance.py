@@ -9,7 +9,7 @@ Classifier-free guidance as diffusers' PixArt pipelines do it:
 - on when guidance_scale > 1 (PixArt-δ LCM runs with guidance 0: the guidance is distilled into the weights);
 - both halves in ONE batch, [uncond, cond], each half with its own text mask (the empty prompt's mask is 1 token);
 - `uncond + s * (cond - uncond)` applied to all output channels, then the first 4 (epsilon) are kept. The original
-  IDDPM code guided only 3 channels; that quirk is not copied (pixart-reference.md §1.5).
+  IDDPM code guided only 3 channels; that quirk is not copied (α repo `PixArt.forward_with_cfg`, a DiT legacy).
 A v-prediction model (config.prediction_type "v_prediction", PixArt-nano) is guided on v (ε is affine in v with
 the same x_t for both halves, so this equals guiding ε) and its result converted to ε for the samplers.
 The model runs in its own dtype; guidance and everything after it are computed in float32.

@@ -1,22 +1,21 @@
 """HED soft-edge detector, as the PixArt-δ ControlNet was trained with: lllyasviel's Apache-2.0 re-implementation
 (`ControlNetHED_Apache2`, weights `ControlNetHED.pth`, fp16, 29.4 MB), used by the α repo's `diffusion/model/hed.py`.
 
-Network (pixart-reference.md §5): RGB x 255 minus a learned per-channel offset `norm`; five VGG-like stages of 3x3
-convs + ReLU (64/128/256/512/512 channels; 2/2/3/3/3 convs; 2x2 max-pool before stages 2-5); a 1x1 projection to one
-channel after each stage; the five maps are resized (bilinear) to the input size, averaged, and squashed by a sigmoid.
-The module names equal the checkpoint keys (`norm`, `block{1..5}.convs.{j}`, `block{1..5}.projection`).
+Network (lllyasviel's ControlNet `annotator/hed`): RGB x 255 minus a learned per-channel offset `norm`; five VGG-like
+stages of 3x3 convs + ReLU (64/128/256/512/512 channels; 2/2/3/3/3 convs; 2x2 max-pool before stages 2-5); a 1x1
+projection to one channel after each stage; the five maps are resized (bilinear) to the input size, averaged, and
+squashed by a sigmoid.
+The module names equal the checkpoint keys (`norm`, `block{1..5}.convs.{j}`, `block{1..5}.projection`);
+loading/hed_files.py reads the file.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading.checkpoint_formats import open_checkpoint
 from .errors import PixArtError
 
 
@@ -116,36 +115,3 @@ class HEDDetector(nn.Module):
             ]
             out.append(torch.sigmoid(torch.cat(maps, dim=1).float().mean(dim=1, keepdim=True)).clamp_(0, 1))
         return torch.cat(out)
-
-
-def load_hed(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> HEDDetector:
-    """Load `ControlNetHED.pth` (pickle opened with weights_only=True, or a .safetensors of the same keys). The fp16
-    weights are cast to `dtype` (fp32 by default: CPU convolutions in fp16 are slow)."""
-    source = open_checkpoint(path)
-    detector = HEDDetector()
-    expected = {k: tuple(v.shape) for k, v in detector.net.state_dict().items()}
-    shapes = source.shapes()
-    keys = set(shapes)
-    for prefix in ("module.", "model.", "net."):  # wrappers some tools add
-        if keys and all(k.startswith(prefix) for k in keys):
-            keys = {k[len(prefix):] for k in keys}
-            shapes = {k[len(prefix):]: v for k, v in shapes.items()}
-            break
-    else:
-        prefix = ""
-    if keys != set(expected):
-        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-        raise PixArtError(
-            f"{source.path.name} is not the HED edge detector this node uses (lllyasviel's ControlNetHED.pth, "
-            f"Annotators repository): " + (f"missing {missing[:4]}" if missing else "")
-            + (f"{'; ' if missing else ''}unexpected keys such as {unexpected[:4]}" if unexpected else "") + "."
-        )
-    for k, s in expected.items():
-        if tuple(shapes[k]) != s:
-            raise PixArtError(f"HED tensor '{k}' has shape {tuple(shapes[k])}, expected {s}; the file is not "
-                              "ControlNetHED.pth.")
-    state = {k[len(prefix):]: v.to(dtype) for k, v in source.iter_tensors()}
-    detector.net.load_state_dict(state, strict=True)
-    return detector.eval().requires_grad_(False).to(device)

@@ -37,6 +37,7 @@ from .memory import FreeMemory, free_memory, is_out_of_memory
 from .resolution import SizePlan, plan_size, resize_and_crop
 from .schedule import ddpm_schedule
 from .step_cache import StepCacheOptions, step_cache_options
+from .vae import raw_to_scaled, scaled_to_raw
 
 MAX_SEED = 2**64
 
@@ -210,6 +211,7 @@ def sample_batch(
     controls: Sequence[ControlInput] = (),
     interrupt: Optional[InterruptCheck] = None,
     free_memory: FreeMemory = free_memory,
+    raw_latents: bool = False,
     **options,
 ) -> torch.Tensor:
     """generate_latents at exactly width x height (no binning) for `batch_size` images, with control images still to
@@ -219,7 +221,14 @@ def sample_batch(
     init_latent: scaled latents (1 or batch_size images). noise_mask: the inpainting mask (generate_latents).
     controls: ControlInputs whose image batch is 1 or batch_size. options: the rest of generate_latents' keywords
     (sampler, steps, guidance_scale, denoise, callback, negative_embeds, negative_mask, step_cache).
-    Returns the final scaled latents (B, 4, h, w)."""
+    Returns the final scaled latents (B, 4, h, w).
+    raw_latents: init_latent and the result are raw VAE latents (what ComfyUI's LATENT holds) instead."""
+    if raw_latents:
+        scale = transformer.config.latent_scale
+        init = None if init_latent is None else raw_to_scaled(init_latent, scale)
+        return scaled_to_raw(sample_batch(transformer, embeds, mask, width=width, height=height, batch_size=batch_size,
+                                          seed=seed, init_latent=init, noise_mask=noise_mask, controls=controls,
+                                          interrupt=interrupt, free_memory=free_memory, **options), scale)
     _check_batch_inputs(transformer, embeds, init_latent, controls, batch_size)
     masks = None if noise_mask is None else mask_rows(noise_mask, batch_size)  # one per image, for the split below
 
@@ -332,12 +341,14 @@ class PixArtPipeline:
         # before importing the loaders: a failure to find the model should be quick
         model = resolve_model(model, parts_given=None not in (transformer, t5, vae))[0]
         from .loading.checkpoint import load_transformer
-        from .text_encoder import load_t5
+        from .loading.t5_loading import load_t5
+        from .text_encoder import PromptEmbeddingCache
         transformer = transformer or model
         t5 = t5 or model
         vae = vae or Path(model) / "vae"
         tr = load_transformer(transformer, dtype=dtype, device=device)
-        encoder = load_t5(t5, precision=t5_precision, device=device)
+        # outside ComfyUI nothing else keeps encoded prompts: a repeated prompt skips T5
+        encoder = load_t5(t5, precision=t5_precision, device=device, cache=PromptEmbeddingCache())
         return cls(tr, encoder, _load_vae(vae, tr.config.latent_scale, vae_dtype, device))
 
     @property
@@ -415,6 +426,6 @@ class PixArtPipeline:
 
 
 def _load_vae(path, latent_scale: float, dtype: torch.dtype, device):
-    from .vae import load_vae
+    from .loading.vae_files import load_vae
 
     return load_vae(path, kind="auto", dtype=dtype, device=device, latent_scale=latent_scale)

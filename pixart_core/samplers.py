@@ -45,6 +45,17 @@ def _eps(eps_fn: EpsFn, x: torch.Tensor, t: float) -> torch.Tensor:
     return eps_fn(x, tt).to(x.dtype)
 
 
+def _run(x: torch.Tensor, timesteps: Sequence[float], callback: Optional[Callback],
+         step: Callable[[int, float, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The loop every sampler shares: `x, denoised = step(i, t, x)` at each timestep, each reported to `callback`."""
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        x, denoised = step(i, t, x)
+        if callback is not None:
+            callback(i, total, x, denoised)
+    return x
+
+
 def _lambda(sigma: float) -> float:
     """Half log-SNR λ = log(α_t/σ_t) = -log σ."""
     return -math.log(sigma)
@@ -79,21 +90,19 @@ def lcm_boundary_scalings(t, timestep_scaling: float = LCM_TIMESTEP_SCALING, sig
 def sample_lcm(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule, timesteps: Sequence[int], *,
                noise_fn: NoiseFn = default_noise, callback: Optional[Callback] = None) -> torch.Tensor:
     """Multistep latent-consistency sampling: predict x0, then re-noise it to the next timestep with fresh noise."""
-    total = len(timesteps)
-    for i, t in enumerate(timesteps):
+
+    def step(i: int, t: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = _eps(eps_fn, x, t)
         a_t = schedule.alpha_bar(t)
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
         c_skip, c_out = lcm_boundary_scalings(t)
         denoised = c_out * x0 + c_skip * x
-        if i < total - 1:
-            a_next = schedule.alpha_bar(timesteps[i + 1])
-            x = math.sqrt(a_next) * denoised + math.sqrt(1.0 - a_next) * noise_fn(denoised)
-        else:
-            x = denoised
-        if callback is not None:
-            callback(i, total, x, denoised)
-    return x
+        if i == len(timesteps) - 1:
+            return denoised, denoised
+        a_next = schedule.alpha_bar(timesteps[i + 1])
+        return math.sqrt(a_next) * denoised + math.sqrt(1.0 - a_next) * noise_fn(denoised), denoised
+
+    return _run(x, timesteps, callback, step)
 
 
 # --------------------------------------------------------------------------------------------------- DPM-Solver++ 2M
@@ -102,28 +111,26 @@ def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule, 
                     noise_fn: NoiseFn = default_noise, callback: Optional[Callback] = None) -> torch.Tensor:
     """DPM-Solver++(2M), midpoint form; first order on the first and the last step, ending at σ = 0."""
     sigmas = [schedule.sigma(t) for t in timesteps] + [0.0]
-    total = len(timesteps)
     prev_x0 = None
-    for i, t in enumerate(timesteps):
-        eps = _eps(eps_fn, x, t)
+
+    def step(i: int, t: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal prev_x0
         alpha_s, sigma_s = alpha_sigma(sigmas[i])
-        x0 = (x - sigma_s * eps) / alpha_s
+        x0 = (x - sigma_s * _eps(eps_fn, x, t)) / alpha_s
+        previous, prev_x0 = prev_x0, x0
         if sigmas[i + 1] == 0.0:
-            x = x0  # the first-order step to σ = 0 lands exactly on the data prediction
-        else:
-            alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
-            h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
-            phi = alpha_t * math.expm1(-h)  # α_t (e^{-h} - 1)
-            if prev_x0 is None:
-                x = (sigma_t / sigma_s) * x - phi * x0
-            else:
-                r0 = (_lambda(sigmas[i]) - _lambda(sigmas[i - 1])) / h
-                d1 = (x0 - prev_x0) / r0
-                x = (sigma_t / sigma_s) * x - phi * x0 - 0.5 * phi * d1
-        prev_x0 = x0
-        if callback is not None:
-            callback(i, total, x, x0)
-    return x
+            return x0, x0  # the first-order step to σ = 0 lands exactly on the data prediction
+        alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
+        h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
+        phi = alpha_t * math.expm1(-h)  # α_t (e^{-h} - 1)
+        x = (sigma_t / sigma_s) * x - phi * x0
+        if previous is not None:
+            r0 = (_lambda(sigmas[i]) - _lambda(sigmas[i - 1])) / h
+            d1 = (x0 - previous) / r0
+            x = x - 0.5 * phi * d1
+        return x, x0
+
+    return _run(x, timesteps, callback, step)
 
 
 # --------------------------------------------------------------------------------------------------- SA-Solver
@@ -180,28 +187,27 @@ def sample_sa_solver(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule,
     """SA-Solver (stochastic Adams, predictor order 2 + corrector order 2), ending at σ(t=0) like diffusers."""
     sigmas = [schedule.sigma(t) for t in timesteps] + [schedule.sigma(0)]
     lams = [_lambda(s) for s in sigmas]
-    total = len(timesteps)
-    prev_x0 = None
-    last_x = last_noise = None
-    for i, t in enumerate(timesteps):
-        eps = _eps(eps_fn, x, t)
+    prev_x0 = last_x = last_noise = None
+
+    def step(i: int, t: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal prev_x0, last_x, last_noise
         alpha_i, sigma_i = alpha_sigma(sigmas[i])
-        x0 = (x - sigma_i * eps) / alpha_i
+        x0 = (x - sigma_i * _eps(eps_fn, x, t)) / alpha_i
         if last_x is not None:
             # Corrector: redo the last step with the data prediction just made at its end point.
             x = _sa_update(last_x, [x0, prev_x0], last_noise, sigmas[i - 1], sigmas[i], [lams[i], lams[i - 1]],
                            tau_fn(timesteps[i - 1]))
         noise = noise_fn(x)
         last_x, last_noise = x, noise
-        if prev_x0 is None or i == total - 1:
+        if prev_x0 is None or i == len(timesteps) - 1:
             x = _sa_update(x, [x0], noise, sigmas[i], sigmas[i + 1], [lams[i]], tau_fn(t))
         else:
             x = _sa_update(x, [x0, prev_x0], noise, sigmas[i], sigmas[i + 1], [lams[i], lams[i - 1]],
                            tau_fn(t))
         prev_x0 = x0
-        if callback is not None:
-            callback(i, total, x, x0)
-    return x
+        return x, x0
+
+    return _run(x, timesteps, callback, step)
 
 
 # --------------------------------------------------------------------------------------------------- Euler
@@ -210,14 +216,16 @@ def sample_euler(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule, tim
                  noise_fn: NoiseFn = default_noise, callback: Optional[Callback] = None) -> torch.Tensor:
     """Euler on the probability-flow ODE in σ space (x_σ = x·sqrt(1+σ²)), ending at σ = 0."""
     sigmas = [schedule.sigma(t) for t in timesteps] + [0.0]
-    total = len(timesteps)
-    xs = x * math.sqrt(1.0 + sigmas[0] ** 2)
-    for i, t in enumerate(timesteps):
-        eps = _eps(eps_fn, xs / math.sqrt(1.0 + sigmas[i] ** 2), t)
+    xs = x * math.sqrt(1.0 + sigmas[0] ** 2)  # the state lives in σ space; the loop and the callback see x
+
+    def step(i: int, t: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal xs
+        eps = _eps(eps_fn, x, t)
         x0 = xs - sigmas[i] * eps
         xs = xs + (sigmas[i + 1] - sigmas[i]) * eps
-        if callback is not None:
-            callback(i, total, xs / math.sqrt(1.0 + sigmas[i + 1] ** 2), x0)
+        return xs / math.sqrt(1.0 + sigmas[i + 1] ** 2), x0
+
+    _run(xs / math.sqrt(1.0 + sigmas[0] ** 2), timesteps, callback, step)
     return xs
 
 
@@ -227,19 +235,17 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: DiscreteSchedule, time
                 noise_fn: NoiseFn = default_noise, callback: Optional[Callback] = None,
                 eta: float = 0.0) -> torch.Tensor:
     """DDIM; eta = 0 is deterministic, eta = 1 is DDPM-like ancestral sampling. Ends at ᾱ = 1."""
-    total = len(timesteps)
-    for i, t in enumerate(timesteps):
+
+    def step(i: int, t: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = _eps(eps_fn, x, t)
         a_t = schedule.alpha_bar(t)
-        a_prev = schedule.alpha_bar(timesteps[i + 1]) if i + 1 < total else 1.0
+        a_prev = schedule.alpha_bar(timesteps[i + 1]) if i + 1 < len(timesteps) else 1.0
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
         std = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - std * std, 0.0)) * eps
-        if eta > 0:
-            x = x + std * noise_fn(x)
-        if callback is not None:
-            callback(i, total, x, x0)
-    return x
+        return (x + std * noise_fn(x) if eta > 0 else x), x0
+
+    return _run(x, timesteps, callback, step)
 
 
 # --------------------------------------------------------------------------------------------------- registry

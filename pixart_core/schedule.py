@@ -4,7 +4,7 @@ PixArt-α/Σ/δ all use the DDPM schedule of the original code: 1000 steps, beta
 (not "scaled_linear"), epsilon prediction. `alphas_cumprod` is built exactly as diffusers builds it (float32 linspace
 and cumprod), so the same timestep gives the same ᾱ; the samplers then do their coefficient math in float64.
 
-The timestep tables reproduce the diffusers schedulers the PixArt pipelines use (pixart-reference.md §3, §4):
+The timestep tables reproduce the diffusers schedulers the PixArt pipelines use:
 - LCM: `LCMScheduler` (default) or the original repo's `diffusion/lcm_scheduler.py` table.
 - DPM-Solver++ / SA-Solver: "linspace" spacing (999, 949, ..., 50 for 20 steps).
 - Euler: `EulerDiscreteScheduler` "linspace" spacing, fractional timesteps.

@@ -1,4 +1,5 @@
-"""Prompts to T5 embeddings for PixArt: load, encode (with a cache), unload, and the unconditional branch.
+"""Prompts to T5 embeddings for PixArt: encode (with a cache), unload, and the unconditional branch. Reading T5
+files (load_t5) is loading/t5_loading.py's job.
 
 `encode` follows diffusers' `PixArtAlphaPipeline.encode_prompt` / `PixArtSigmaPipeline.encode_prompt` exactly:
 - Text preprocessing as diffusers' `_text_preprocessing`: with `clean_caption=False` the prompt is still lower-cased
@@ -15,8 +16,10 @@ The unconditional branch comes in two documented flavours (see `encode_prompts`)
 - "null_embedding": the α checkpoints' learned `y_embedding` (L, 4096), masked with the prompt's mask, as the original
   α inference code does (`null_embedding_conditioning`).
 
-Results are cached per (encoder, prompt, length, cleaning) in a small LRU on the CPU, so re-queuing the same prompt does
-not run T5 again, even after the encoder was unloaded.
+An encoder given a PromptEmbeddingCache (the CLI and PixArtPipeline.from_paths, outside ComfyUI) keeps results per
+(encoder, prompt, length, cleaning) on the CPU, bounded by bytes, so the same prompt does not run T5 again, even after
+the encoder was unloaded. Without one (the default, and what the ComfyUI nodes use: ComfyUI's executor already keeps
+each node's output) nothing is kept: the caller owns every tensor encode returns.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,25 +37,21 @@ from torch import nn
 
 from .errors import PixArtError
 from .transformer import null_embedding_conditioning
-from .loading.t5_loading import (
-    FF_OUTPUT,
-    PRECISIONS,
-    find_tokenizer_dir,
-    load_t5_model,
-    load_tokenizer,
-    locate_t5,
-)
 
 logger = logging.getLogger("pixart_core")
 
 UNCONDITIONAL_MODES = ("empty", "null_embedding")
+FF_OUTPUT = "DenseReluDense.wo"  # the projection kept out of fp16 and out of quantisation (T5 v1.1 overflows there)
 
 
 class PromptEmbeddingCache:
-    """A bounded LRU of single-prompt results (embeds (L, D), mask (L,)) kept on the CPU."""
+    """An LRU of single-prompt results (embeds (L, D), mask (L,)) kept on the CPU, holding at most `max_bytes` (the
+    default 256 MiB is about 50 prompts of T5-XXL at Σ's 300 tokens in fp32). A caller opts in by handing one to
+    load_t5 / T5TextEncoder; one cache may serve several encoders (the key names the encoder)."""
 
-    def __init__(self, max_entries: int = 32):
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -63,24 +61,23 @@ class PromptEmbeddingCache:
         return hit
 
     def put(self, key: tuple, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        if key in self._entries:
+            self.bytes -= _nbytes(self._entries.pop(key))
         self._entries[key] = (embeds, mask)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.bytes += _nbytes((embeds, mask))
+        while self.bytes > self.max_bytes and self._entries:  # an entry larger than the bound is not kept either
+            self.bytes -= _nbytes(self._entries.popitem(last=False)[1])
 
     def clear(self) -> None:
         self._entries.clear()
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
-_CACHE = PromptEmbeddingCache()
-
-
-def clear_cache() -> None:
-    """Forget every cached prompt embedding."""
-    _CACHE.clear()
+def _nbytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)
 
 
 class T5TextEncoder(nn.Module):
@@ -97,6 +94,7 @@ class T5TextEncoder(nn.Module):
         precision: str,
         identity: str | None = None,
         reload: Callable[[torch.device], nn.Module] | None = None,
+        cache: PromptEmbeddingCache | None = None,
     ):
         super().__init__()
         self.model = model
@@ -105,6 +103,7 @@ class T5TextEncoder(nn.Module):
         # names the weights for the cache; in-memory encoders get a unique one
         self.identity = identity or f"memory:{uuid.uuid4()}"
         self._reload = reload
+        self.cache = cache  # None: nothing kept between calls
         self._device = next(model.parameters()).device
         self._unloaded_dtype = model.shared.weight.dtype
         self.eval()  # inference only: T5's dropout must stay off
@@ -125,7 +124,7 @@ class T5TextEncoder(nn.Module):
         return self.model.shared.weight.dtype
 
     def unload(self) -> None:
-        """Drop the weights (cached prompts stay usable); `load()` or a cache miss brings them back."""
+        """Drop the weights (prompts in the cache, if it has one, stay usable); `load()` or a miss brings them back."""
         if self.model is None:
             return
         self._device, self._unloaded_dtype = self.device, self.dtype
@@ -153,8 +152,8 @@ class T5TextEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (B, max_length, d_model) and mask (B, max_length) for a batch of prompts.
 
-        Cached prompts are not encoded again. Results are returned on `device` (default: the CPU, where the cache
-        lives; the encoder and the transformer are often on different devices).
+        With a cache, cached prompts are not encoded again. Results are returned on `device` (default: the CPU, where
+        the cache lives; the encoder and the transformer are often on different devices).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -167,7 +166,7 @@ class T5TextEncoder(nn.Module):
             raise PixArtError(f"max_length must be a positive integer (120 for PixArt-α, 300 for Σ), not {max_length!r}.")
 
         keys = [(self.identity, self.precision, self._dtype_tag(), p, max_length, bool(clean_caption)) for p in prompts]
-        found = {k: _CACHE.get(k) for k in dict.fromkeys(keys)}
+        found = {k: self.cache.get(k) if self.cache is not None else None for k in dict.fromkeys(keys)}
         missing = [k for k, v in found.items() if v is None]
         if missing:
             self.load()
@@ -175,7 +174,8 @@ class T5TextEncoder(nn.Module):
             for row, k in enumerate(missing):
                 # clone: a row of the batch would otherwise keep the whole batch's storage alive
                 found[k] = (embeds[row].to("cpu").clone(), mask[row].to("cpu").clone())
-                _CACHE.put(k, *found[k])
+                if self.cache is not None:
+                    self.cache.put(k, *found[k])
         out = torch.device(device) if device is not None else torch.device("cpu")
         embeds = torch.stack([found[k][0] for k in keys]).to(out)
         mask = torch.stack([found[k][1] for k in keys]).to(out)
@@ -239,47 +239,6 @@ def _quiet_int8_cast_notice() -> Iterator[None]:
         yield
     finally:
         bnb_logger.removeFilter(quiet)
-
-
-def load_t5(
-    path: str | Path,
-    precision: str = "bf16",
-    device: str | torch.device = "cpu",
-    tokenizer_path: str | Path | None = None,
-    tokenizer_fallbacks: Sequence[str | Path] = (),
-) -> T5TextEncoder:
-    """Load a T5 encoder from a diffusers pipeline folder, a Hugging Face folder or a single .safetensors file.
-
-    precision: "fp32", "bf16", "fp16" (wo kept fp32), "int8" or "nf4" (bitsandbytes; CPU or CUDA).
-    Tokenizer: `tokenizer_path` if given, else the folder's tokenizer (tokenizer/ or the folder itself), else the
-    first of `tokenizer_fallbacks` that holds one (the ComfyUI node passes ComfyUI's bundled t5_tokenizer folder).
-    """
-    if precision not in PRECISIONS:
-        raise PixArtError(f"Unknown T5 precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-    source = locate_t5(path)
-    if tokenizer_path is not None:
-        tokenizer_dir = find_tokenizer_dir([tokenizer_path])
-        if tokenizer_dir is None:
-            raise PixArtError(
-                f"No T5 tokenizer in '{tokenizer_path}' (expected tokenizer.json or spiece.model there)."
-            )
-    else:
-        tokenizer_dir = find_tokenizer_dir([*source.tokenizer_candidates, *tokenizer_fallbacks])
-        if tokenizer_dir is None:
-            looked = [str(p) for p in [*source.tokenizer_candidates, *tokenizer_fallbacks]]
-            raise PixArtError(
-                f"No T5 tokenizer found for '{path}' (looked in {looked}). Put the T5 v1.1 tokenizer files "
-                "(tokenizer.json, tokenizer_config.json, special_tokens_map.json) in a folder and pass it as the "
-                "tokenizer path, or use the diffusers pipeline folder, which has tokenizer/."
-            )
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_t5_model(source, precision, device)
-
-    def reload(to_device: torch.device) -> nn.Module:
-        return load_t5_model(source, precision, to_device)
-
-    identity = f"{source.identity}|{tokenizer_dir.resolve()}"
-    return T5TextEncoder(model, tokenizer, precision, identity=identity, reload=reload)
 
 
 def preprocess_captions(texts: Sequence[str], clean_caption: bool) -> list[str]:

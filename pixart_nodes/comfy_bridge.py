@@ -351,7 +351,7 @@ def _previewer(family: str, device: torch.device):
     try:
         return _latent_preview.get_previewer(device, fmt)
     except Exception as exc:  # a preview must never break sampling
-        log.warning("PixArt-δ: latent previews unavailable (%s)", exc)
+        log.warning("PixArt: latent previews unavailable (%s)", exc)
         return None
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pixart_core.controlnet import load_controlnet
 from pixart_core.errors import PixArtError
-from pixart_core.hed import load_hed
+from pixart_core.loading.controlnet_files import load_controlnet
+from pixart_core.loading.hed_files import load_hed
 
 from . import comfy_bridge as bridge
 from . import model_cache
@@ -20,7 +20,7 @@ class PixArtDeltaControlNetLoader:
     DESCRIPTION = ("Loads a PixArt-δ ControlNet-Transformer from models/controlnet: the ControlNet part of "
                    "PixArt-XL-2-1024-ControlNet.pth / -512-ControlNet.pth (the base inside is not loaded here), or a "
                    "diffusers research ControlNet. Released ControlNets are PixArt-α: use them with α or δ models.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (CONTROLNET,)
     RETURN_NAMES = ("controlnet",)
     OUTPUT_TOOLTIPS = ("The ControlNet, for PixArt-δ Apply ControlNet.",)
@@ -43,22 +43,21 @@ class PixArtDeltaControlNetLoader:
     def load(self, controlnet_name: str):
         path = bridge.model_path(FOLDER, controlnet_name, "ControlNet file")
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()
-        key = (model_cache.file_identity(path), str(load_device))
 
         def load_new() -> ControlNet:
             module = load_controlnet(path, dtype=torch.float32, device=offload_device)
             return ControlNet(bridge.ManagedModel(module, load_device, offload_device), controlnet_name,
                               module.info.summary())
 
-        with bridge.about_file("ControlNet file", controlnet_name):
-            return (model_cache.CONTROLNETS.get_or_load(key, load_new),)
+        return (model_cache.load_file(model_cache.CONTROLNETS, path, (str(load_device),), load_new, "ControlNet file",
+                                      controlnet_name),)
 
 
 class PixArtDeltaControlNetApply:
     DESCRIPTION = ("Sets up a ControlNet with its control image (e.g. HED edges), strength and the part of sampling it "
                    "acts in. Connect the result to a PixArt sampler's 'control' input; the image is fitted to the "
                    "generation size there.")
-    CATEGORY = "PixArt-δ/controlnet"
+    CATEGORY = "PixArt/controlnet"
     RETURN_TYPES = (CONTROL,)
     RETURN_NAMES = ("control",)
     OUTPUT_TOOLTIPS = ("ControlNet guidance for the PixArt samplers (with any stacked before it).",)
@@ -109,7 +108,7 @@ class PixArtDeltaControlNetApply:
 class PixArtDeltaHEDPreprocessor:
     DESCRIPTION = ("Turns a photo into HED soft edges, the control image the PixArt-δ ControlNet was trained on "
                    "(weights ControlNetHED.pth from lllyasviel's Annotators, in models/controlnet).")
-    CATEGORY = "PixArt-δ/controlnet"
+    CATEGORY = "PixArt/controlnet"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("edges",)
     OUTPUT_TOOLTIPS = ("The edge map (white edges on black, same size as the input), for Apply ControlNet.",)
@@ -133,8 +132,7 @@ class PixArtDeltaHEDPreprocessor:
     def detect(self, image: torch.Tensor, hed_name: str):
         path = bridge.model_path(FOLDER, hed_name, "HED weights file")
         device = bridge.compute_device()
-        key = (model_cache.file_identity(path), str(device))
-        with bridge.about_file("HED weights file", hed_name):
-            detector = model_cache.ANNOTATORS.get_or_load(key, lambda: load_hed(path, device=device))
+        detector = model_cache.load_file(model_cache.ANNOTATORS, path, (str(device),),
+                                         lambda: load_hed(path, device=device), "HED weights file", hed_name)
         edges = detector(image_to_core(image))  # (B, 1, H, W) in [0, 1]
         return (image_from_core(edges).to(bridge.intermediate_device()),)

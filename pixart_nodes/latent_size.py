@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pixart_core.resolution import BIN_TABLES, bin_table, classify_height_width_bin, plan_size
+from pixart_core.resolution import BIN_TABLES, bin_for_aspect, plan_size
 
 from . import comfy_bridge as bridge
 from .sockets import MODEL
@@ -29,7 +29,7 @@ class PixArtDeltaResolutionSelect:
     DESCRIPTION = ("Gives the width and height a PixArt model was trained on for an aspect ratio (its resolution "
                    "bins: 1024 px models get 1024-class sizes, 2K models 2048-class sizes). Feed them to Empty Latent "
                    "or a sampler.")
-    CATEGORY = "PixArt-δ/latent"
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("INT", "INT")
     RETURN_NAMES = ("width", "height")
     OUTPUT_TOOLTIPS = ("Width in pixels (a multiple of 16).", "Height in pixels (a multiple of 16).")
@@ -55,15 +55,14 @@ class PixArtDeltaResolutionSelect:
         return f"aspect_ratio {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}; pick one in the node."
 
     def select(self, model, aspect_ratio: str):
-        table = bin_table(model.config.bin_size)
-        height, width = classify_height_width_bin(height_over_width(aspect_ratio), 1.0, table)
+        height, width = bin_for_aspect(model.config.bin_size, height_over_width(aspect_ratio))
         return (width, height)
 
 
 class PixArtDeltaEmptyLatent:
     DESCRIPTION = ("An empty latent of the given size for the PixArt samplers (ComfyUI's own LATENT, so native "
                    "latent nodes work with it). Sizes must be multiples of 16.")
-    CATEGORY = "PixArt-δ/latent"
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("An all-zero latent batch (B, 4, height/8, width/8).",)

@@ -18,7 +18,7 @@ class PixArtDeltaLoraLoader:
     DESCRIPTION = ("Applies a PixArt-α/Σ LoRA (diffusers, PEFT or kohya format, .safetensors) to the transformer "
                    "with a strength. Chain several to stack them. The weights are not changed: the samplers add the "
                    "LoRA while they run, so the model before this node stays the base model.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The transformer with this LoRA (and any before it), for the PixArt samplers.",)

@@ -25,6 +25,13 @@ def file_identity(path: str | os.PathLike) -> tuple:
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
+def load_file(cache: "ModelCache", path: str, settings: tuple, load: Callable[[], Any], what: str, name: str) -> Any:
+    """The model in the file `path` with these settings: the one already loaded, else load(). Errors name the file
+    (`what` 'name', as the user picked it in the node)."""
+    with bridge.about_file(what, name):
+        return cache.get_or_load((file_identity(path), *settings), load)
+
+
 class ModelCache:
     """Least-recently-used cache holding at most `capacity` models of one kind (0: weak references only), plus a
     weak reference to every model it handed out."""

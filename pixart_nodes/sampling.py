@@ -15,8 +15,6 @@ import torch
 from pixart_core.lora import loras_applied
 from pixart_core.pipeline import sample_batch
 from pixart_core.step_cache import MODES as STEP_CACHE_MODES
-from pixart_core.step_cache import step_cache_options
-from pixart_core.vae import raw_to_scaled, scaled_to_raw
 
 from . import comfy_bridge as bridge
 from .latent_size import MAX_SIZE
@@ -42,14 +40,12 @@ def _size_from_latent(latent: dict) -> tuple[int, int, int]:
 def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str, seed: int, steps: int,
                 guidance: float, width: int, height: int, batch_size: int, denoise: float,
                 latent: dict | None, control, step_cache: str = "off") -> dict:
-    """The one core call both sampler nodes make (pipeline.sample_batch), with ComfyUI's model loading, progress,
-    preview, Cancel and memory release hooked in, and the LATENT's raw latents converted to the model's scale. A
-    LATENT with a noise_mask is inpainted: only where the mask is 1 is it repainted (pixart_core/inpaint.py)."""
-    scale = model.config.latent_scale
+    """The one core call both sampler nodes make (pipeline.sample_batch on the LATENT's raw latents), with ComfyUI's
+    model loading, progress, preview, Cancel and memory release hooked in. A LATENT with a noise_mask is inpainted:
+    only where the mask is 1 is it repainted (pixart_core/inpaint.py)."""
     noise_mask = (latent or {}).get("noise_mask")  # Set Latent Noise Mask / VAE Encode (for Inpainting)
     start = latent is not None and (denoise < 1.0 or noise_mask is not None)
-    init = raw_to_scaled(latent_tensor(latent), scale) if start else None
-    cache = step_cache_options(OLD_STEP_CACHES.get(step_cache, step_cache))  # checked before models are loaded
+    init = latent_tensor(latent) if start else None
     bridge.load([model.managed] + [m for c in control or () for m in (c.controlnet.managed, c.vae.managed)])
     progress = bridge.sampling_progress(model.config.family, model.module.device)
     with loras_applied(model.module, model.loras):  # LoRAs only while sampling: the cached module stays the base
@@ -57,19 +53,19 @@ def run_sampler(model: PixArtModel, conditioning: Conditioning, *, sampler: str,
             model.module, conditioning.embeds, conditioning.mask, negative_embeds=conditioning.negative_embeds,
             negative_mask=conditioning.negative_mask, width=width, height=height, batch_size=batch_size, seed=seed,
             init_latent=init, noise_mask=noise_mask, controls=[c.core() for c in control or ()], sampler=sampler,
-            steps=steps, guidance_scale=guidance, denoise=denoise, step_cache=cache,
-            interrupt=bridge.check_interrupted,
-            callback=lambda step, total, x, denoised: progress(step + 1, total, denoised),
-            free_memory=bridge.free_cached_memory)
+            steps=steps, guidance_scale=guidance, denoise=denoise, raw_latents=True,
+            step_cache=OLD_STEP_CACHES.get(step_cache, step_cache), interrupt=bridge.check_interrupted,
+            free_memory=bridge.free_cached_memory,
+            callback=lambda step, total, x, denoised: progress(step + 1, total, denoised))
     out = dict(latent or {})  # as ComfyUI's KSampler: the mask stays on the latent for a second pass
-    out["samples"] = scaled_to_raw(latents, scale).to(bridge.intermediate_device())
+    out["samples"] = latents.to(bridge.intermediate_device())
     return out
 
 
 class _SamplerNode:
     """What the two sampler nodes share: their category and output, the seed, denoise and the optional inputs."""
 
-    CATEGORY = "PixArt-δ/sampling"
+    CATEGORY = "PixArt/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The denoised latent (ComfyUI LATENT), for PixArt VAE Decode (Tiled) or ComfyUI's VAE Decode.",)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pixart_core.errors import PixArtError
-from pixart_core.loading.t5_loading import PRECISIONS as T5_PRECISIONS
-from pixart_core.text_encoder import encode_prompts, load_t5
+from pixart_core.loading.t5_loading import PRECISIONS as T5_PRECISIONS, load_t5
+from pixart_core.text_encoder import encode_prompts
 
 from . import comfy_bridge as bridge
 from . import model_cache
@@ -20,7 +20,7 @@ class PixArtDeltaT5Loader:
                    "t5xxl_fp16.safetensors, or a GGUF such as t5-v1_1-xxl-encoder-Q8_0.gguf, dequantised into the "
                    "chosen precision). int8 / nf4 (bitsandbytes) cut its memory to about 5 / 3 GB and also run "
                    "on the CPU; the tokenizer is the one ComfyUI ships.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (T5,)
     RETURN_NAMES = ("t5",)
     OUTPUT_TOOLTIPS = ("The T5 encoder, for PixArt T5 Text Encode.",)
@@ -58,22 +58,21 @@ class PixArtDeltaT5Loader:
         if precision in ("int8", "nf4"):
             offload_device = load_device  # bitsandbytes weights are quantised where they are built; never moved
         tokenizer = bridge.t5_tokenizer_dir()
-        key = (model_cache.file_identity(path), precision, str(load_device), str(offload_device), tokenizer)
 
         def load_new() -> TextEncoder:
             encoder = load_t5(path, precision=precision, device=offload_device,
                               tokenizer_fallbacks=[tokenizer] if tokenizer else [])
             return TextEncoder(bridge.ManagedModel(encoder, load_device, offload_device), t5_name, precision)
 
-        with bridge.about_file("T5 encoder file", t5_name):
-            return (model_cache.TEXT_ENCODERS.get_or_load(key, load_new),)
+        settings = (precision, str(load_device), str(offload_device), tokenizer)
+        return (model_cache.load_file(model_cache.TEXT_ENCODERS, path, settings, load_new, "T5 encoder file", t5_name),)
 
 
 class PixArtDeltaT5TextEncode:
     DESCRIPTION = ("Encodes a prompt and a negative prompt with T5 for PixArt. Connect the model so the prompt length "
-                   "matches it (120 tokens for α/δ, 300 for Σ); results are cached, so re-queuing the same prompt is "
-                   "instant.")
-    CATEGORY = "PixArt-δ/conditioning"
+                   "matches it (120 tokens for α/δ, 300 for Σ); ComfyUI keeps the result, so re-queuing the same "
+                   "prompt is instant.")
+    CATEGORY = "PixArt/conditioning"
     RETURN_TYPES = (CONDITIONING,)
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = ("Prompt and negative-prompt embeddings, for the PixArt samplers.",)

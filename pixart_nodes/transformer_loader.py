@@ -8,7 +8,6 @@ import torch
 
 from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
-from pixart_core.quantize import FP8_DTYPE, quantize_transformer
 
 from . import comfy_bridge as bridge
 from . import model_cache
@@ -36,9 +35,6 @@ def _overrides(family: str, train_resolution: str, text_len: str) -> dict:
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise PixArtError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
-    if precision == "fp8" and FP8_DTYPE is None:  # checked before the load, not after a wasted one
-        raise PixArtError(f"precision fp8 needs float8 support, which this torch ({torch.__version__}) lacks; "
-                          "choose int8 (same memory) or update torch to 2.1 or later.")
 
 
 def describe_detection(name: str, summary: dict, precision: str, dtype: torch.dtype) -> str:
@@ -64,7 +60,7 @@ class PixArtDeltaTransformerLoader:
     DESCRIPTION = ("Loads a PixArt transformer: α (256/512/1024-MS), δ (LCM, ControlNet files) or Σ (256 to 2K), in "
                    "the original .pth/.safetensors layout or diffusers' layout. What it detected is on the 'info' "
                    "output and in the console.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (MODEL, "STRING")
     RETURN_NAMES = ("model", "info")
     OUTPUT_TOOLTIPS = ("The transformer, for the PixArt samplers, resolution and text-encode nodes.",
@@ -110,22 +106,20 @@ class PixArtDeltaTransformerLoader:
         overrides = _overrides(family, train_resolution, text_len)
         load_device, offload_device = bridge.compute_device(), bridge.offload_device()
         dtype = bridge.auto_dtype(load_device) if precision in ("auto", *EIGHT_BIT) else _DTYPES[precision]
-        key = (model_cache.file_identity(path), precision, str(dtype), tuple(sorted(overrides.items())),
-               str(load_device))
 
         def load_new() -> PixArtModel:
             # int8 (bitsandbytes) weights stay on the device they were quantised on; fp8 weights are plain buffers
             # that move between devices like any others.
             home = load_device if precision == "int8" else offload_device
-            module = load_transformer(path, dtype=dtype, device=home, overrides=overrides)
-            if precision in EIGHT_BIT:  # layer by layer after the load: the extra memory is one Linear
-                module = quantize_transformer(module, precision)
+            weights = precision if precision in EIGHT_BIT else "none"
+            module = load_transformer(path, dtype=dtype, device=home, overrides=overrides, weights=weights)
             managed = bridge.ManagedModel(module, load_device, home)
             summary = module.detection.summary()
             return PixArtModel(managed=managed, config=module.config, name=model_name, summary=summary)
 
-        with bridge.about_file("Transformer file", model_name):
-            model = model_cache.TRANSFORMERS.get_or_load(key, load_new)
+        settings = (precision, str(dtype), tuple(sorted(overrides.items())), str(load_device))
+        model = model_cache.load_file(model_cache.TRANSFORMERS, path, settings, load_new, "Transformer file",
+                                      model_name)
         info = describe_detection(model_name, model.summary, precision, dtype)
-        log.info("PixArt-δ transformer loaded:\n%s", info)
+        log.info("PixArt transformer loaded:\n%s", info)
         return (model, info)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from pixart_core.errors import PixArtError
-from pixart_core.vae import decode_fitting, encode_fitting, load_vae
+from pixart_core.loading.vae_files import load_vae
+from pixart_core.vae import decode_fitting, encode_fitting
 
 from . import comfy_bridge as bridge
 from . import model_cache
@@ -28,7 +29,7 @@ _TILE = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
 class PixArtDeltaVAELoader:
     DESCRIPTION = ("Loads the VAE PixArt decodes with, from models/vae: the SD VAE (sd-vae-ft-ema) for PixArt-α and δ, "
                    "the SDXL VAE for PixArt-Σ. Single files (ldm or diffusers layout) and diffusers folders load.")
-    CATEGORY = "PixArt-δ/loaders"
+    CATEGORY = "PixArt/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
     OUTPUT_TOOLTIPS = ("The VAE, for PixArt VAE Decode / Encode (Tiled) and Apply ControlNet.",)
@@ -61,15 +62,14 @@ class PixArtDeltaVAELoader:
         path = bridge.model_path(FOLDER, vae_name, "VAE file")
         load_device, offload_device = bridge.vae_devices()
         dtype = bridge.vae_dtype(load_device) if precision == "auto" else _DTYPES[precision]
-        key = (model_cache.file_identity(path), kind, str(dtype), str(load_device))
 
         def load_new() -> Vae:
             module = load_vae(path, kind=kind, dtype=dtype, device=offload_device)
             info = {"kind": module.kind, "scaling_factor": module.scaling_factor, "can_encode": module.can_encode}
             return Vae(bridge.ManagedModel(module, load_device, offload_device), vae_name, info)
 
-        with bridge.about_file("VAE file", vae_name):
-            return (model_cache.VAES.get_or_load(key, load_new),)
+        settings = (kind, str(dtype), str(load_device))
+        return (model_cache.load_file(model_cache.VAES, path, settings, load_new, "VAE file", vae_name),)
 
 
 class PixArtDeltaVAEDecodeTiled:
@@ -77,7 +77,7 @@ class PixArtDeltaVAEDecodeTiled:
                    "decode in limited memory without seams. exact equals an untiled decode; fast bounds memory by "
                    "the tile size; auto picks the untiled network on the CPU while it fits (fastest), else exact "
                    "while it fits, else fast.")
-    CATEGORY = "PixArt-δ/latent"
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
     OUTPUT_TOOLTIPS = ("The decoded images (ComfyUI IMAGE, 0..1).",)
@@ -102,7 +102,7 @@ class PixArtDeltaVAEDecodeTiled:
     @torch.no_grad()
     def decode(self, samples: dict, vae: Vae, mode: str, tile_size: int):
         bridge.load([vae.managed])
-        images = decode_fitting(vae.module, vae.module.from_raw(latent_tensor(samples)), mode, tile_size or None,
+        images = decode_fitting(vae.module, latent_tensor(samples), mode, tile_size or None, raw_latents=True,
                                 free_memory=bridge.free_cached_memory, callback=bridge.tile_progress(),
                                 interrupt=bridge.check_interrupted)
         return (image_from_core(images).to(bridge.intermediate_device()),)
@@ -110,8 +110,8 @@ class PixArtDeltaVAEDecodeTiled:
 
 class PixArtDeltaVAEEncodeTiled:
     DESCRIPTION = ("Encodes an image to a latent tile by tile (seam-free, limited memory), for img2img with the "
-                   "PixArt-δ samplers. Image sides should be multiples of 16 px for PixArt.")
-    CATEGORY = "PixArt-δ/latent"
+                   "PixArt samplers. Image sides should be multiples of 16 px for PixArt.")
+    CATEGORY = "PixArt/latent"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The image's latent (ComfyUI LATENT).",)
@@ -131,6 +131,7 @@ class PixArtDeltaVAEEncodeTiled:
     def encode(self, pixels: torch.Tensor, vae: Vae, tile_size: int):
         images = image_to_core(pixels, "pixels")
         bridge.load([vae.managed])
-        latents = encode_fitting(vae.module, images, tile_size or None, free_memory=bridge.free_cached_memory,
-                                 callback=bridge.tile_progress(), interrupt=bridge.check_interrupted)
-        return ({"samples": vae.module.to_raw(latents).to(bridge.intermediate_device())},)
+        latents = encode_fitting(vae.module, images, tile_size or None, raw_latents=True,
+                                 free_memory=bridge.free_cached_memory, callback=bridge.tile_progress(),
+                                 interrupt=bridge.check_interrupted)
+        return ({"samples": latents.to(bridge.intermediate_device())},)

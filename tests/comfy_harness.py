@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +492,28 @@ def example_input(input_dir: Path, name: str, size: int) -> Path:
     input_dir.mkdir(parents=True, exist_ok=True)
     image.save(input_dir / name)
     return input_dir / name
+
+
+@contextmanager
+def comfy_session(models_root: Path, work: Path, image_size: int, image_name: str = "pixart_delta_example.png"):
+    """ComfyUI's folders as the nodes see them, for one test module: models under `models_root`, input / output /
+    temp under `work` (the example image in input), the real T5 tokenizer, one torch thread (the suite shares two
+    cores); all undone afterwards, the Cancel flag and the pack's model caches cleared."""
+    from pixart_nodes import comfy_bridge as bridge
+    from pixart_nodes import model_cache
+    from tests.conftest import T5_TOKENIZER, torch_threads
+
+    Directories.input, Directories.output, Directories.temp = (str(work / "input"), str(work / "output"),
+                                                                str(work / "temp"))
+    example_input(work / "input", image_name, image_size)
+    bridge.set_models_root(models_root)
+    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
+    model_cache.clear_all()
+    try:
+        with torch_threads(1):
+            yield
+    finally:
+        bridge.set_models_root(None)
+        bridge.set_t5_tokenizer_dir(None)
+        bridge.request_interrupt(False)
+        model_cache.clear_all()

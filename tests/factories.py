@@ -1,7 +1,8 @@
 """Tiny PixArt models for tests, built with diffusers (the reference) and written in every official layout.
 
-The original-layout writer below is the test's own statement of the released key layout (pixart-reference.md §2),
-independent of the loader under test, so a renaming bug in the loader cannot hide behind the same bug here.
+The original-layout writer below is the test's own statement of the released key layout (the α repo's
+`diffusion/utils/checkpoint.py` save format and model key names), independent of the loader under test, so a
+renaming bug in the loader cannot hide behind the same bug here.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def test_sharded_and_fp16_diffusers_folders(tmp_path):
 
 
 def released_original_shapes(*, depth=28, width=1152, text_len=120, micro=False, pos_tokens=None, prefix=""):
-    """Key -> shape of the original .pth files, written from pixart-reference.md §2.2 (not from our model)."""
+    """Key -> shape of the original .pth files, written from the α repo's model definitions (not from our model)."""
     d = width
     s = {
         "x_embedder.proj.weight": (d, 4, 2, 2), "x_embedder.proj.bias": (d,),

@@ -21,18 +21,13 @@ from PIL import Image
 
 from pixart_core import cli
 from pixart_core.loading import hub
-from tests.conftest import ROOT, T5_TOKENIZER
+from tests.conftest import ROOT, T5_TOKENIZER, record_keyword
 from tests.factories import tiny_diffusers_transformer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def build_tiny_pipeline(root: Path) -> Path:
@@ -173,14 +168,7 @@ def test_cache_option_reaches_the_sampling_loop(tiny_pipeline, tmp_path, capsys,
     from pixart_core import pipeline
     from pixart_core.step_cache import StepCacheOptions
 
-    seen = []
-    core = pipeline.generate_latents
-
-    def spy(*args, step_cache=None, **kwargs):
-        seen.append(step_cache)
-        return core(*args, step_cache=step_cache, **kwargs)
-
-    monkeypatch.setattr(pipeline, "generate_latents", spy)
+    seen = record_keyword(monkeypatch, pipeline, "generate_latents", "step_cache")
     common = ["--model", str(tiny_pipeline), "--width", "256", "--height", "256", "--dtype", "fp32",
               "--t5-precision", "fp32", "--steps", "2", "--no-progress"]
     for mode in ("both", "off"):

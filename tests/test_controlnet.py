@@ -13,14 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from pixart_core.loading.checkpoint import load_transformer
-from pixart_core.controlnet import (
-    check_compatible,
-    controls_at_step,
-    load_combined,
-    load_controlnet,
-    prepare_control_image,
-    resize_cover_crop,
-)
+from pixart_core.controlnet import check_compatible, controls_at_step, prepare_control_image, resize_cover_crop
+from pixart_core.loading.controlnet_files import load_combined, load_controlnet
 from pixart_core.errors import PixArtError
 from pixart_core.schedule import step_of_timestep
 from tests.factories import TINY_HEADS, TINY_WIDTH, original_state_dict, tiny_diffusers_transformer
@@ -30,7 +24,8 @@ DEPTH = 14
 COPIES = 13
 CAPTION = 64
 
-# The test's own statement of the original block layout (pixart-reference.md §2.3), independent of the loader.
+# The test's own statement of the original block layout (diffusers' scripts/convert_pixart_alpha_to_diffusers.py),
+# independent of the loader.
 _BLOCK_RENAME = {
     "attn1.to_out.0.": "attn.proj.",
     "attn2.to_q.": "cross_attn.q_linear.",
@@ -139,13 +134,7 @@ def _inputs(batch=2, lh=8, lw=12, tokens=10, seed=0):
     return x, t, y, mask, hint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread is faster, and far faster on a busy machine (threads spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")

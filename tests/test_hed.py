@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pixart_core.errors import PixArtError
-from pixart_core.hed import load_hed
+from pixart_core.loading.hed_files import load_hed
 
 # ControlNetHED_Apache2: (stage, in channels, out channels, convs)
 STAGES = [(1, 3, 64, 2), (2, 64, 128, 2), (3, 128, 256, 3), (4, 256, 512, 3), (5, 512, 512, 3)]
@@ -42,12 +42,7 @@ def official_forward(sd, image, dtype=torch.float32):
     return (1 / (1 + torch.exp(-torch.mean(edges, dim=1, keepdim=True)))).clip(0, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def test_loads_official_layout_and_matches_the_official_computation(tmp_path):

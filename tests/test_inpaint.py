@@ -24,6 +24,7 @@ from pixart_core.inpaint import prepare_mask
 from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.schedule import ddpm_schedule
 from pixart_core.step_cache import step_cache_options
+from tests.conftest import record_keyword
 from tests.factories import tiny_diffusers_transformer
 from tests.test_workflows import env as workflow_env  # noqa: F401  (the stand-in ComfyUI folders and tiny models)
 
@@ -239,14 +240,7 @@ def test_cli_init_image_and_mask(tmp_path, capsys, monkeypatch):
     mask = Image.new("L", (64, 48), 0)  # another size than the image: stretched to it, as ComfyUI does
     mask.paste(255, (32, 0, 64, 48))  # right half white: repaint
     mask.save(tmp_path / "mask.png")
-    seen = []
-    core = pl.generate_latents
-
-    def spy(*args, noise_mask=None, **kwargs):
-        seen.append(noise_mask)
-        return core(*args, noise_mask=noise_mask, **kwargs)
-
-    monkeypatch.setattr(pl, "generate_latents", spy)
+    seen = record_keyword(monkeypatch, pl, "generate_latents", "noise_mask")
     common = ["--model", str(model_dir), "--width", "256", "--height", "256", "--dtype", "fp32", "--t5-precision",
               "fp32", "--steps", "2", "--no-progress", "--init-image", str(tmp_path / "in.png")]
     code = cli.main(["generate", "a cat", "-o", str(tmp_path / "out.png"), "--mask", str(tmp_path / "mask.png"),

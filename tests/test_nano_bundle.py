@@ -10,7 +10,7 @@ import torch
 
 from pixart_nodes import comfy_bridge as bridge
 from pixart_core.loading import bundled
-from pixart_core.text_encoder import load_t5
+from pixart_core.loading.t5_loading import load_t5
 from tests.test_cli import build_tiny_pipeline
 
 

@@ -16,11 +16,11 @@ from PIL import Image
 from pixart_core import cli
 from pixart_core.loading import bundled
 from pixart_core.loading.checkpoint import load_transformer
-from pixart_core.controlnet import load_controlnet
-from pixart_core.text_encoder import load_t5
+from pixart_core.loading.controlnet_files import load_controlnet
+from pixart_core.loading.t5_loading import load_t5
 from train import caption_checker
 from train.evaluate import GUARD_CONTROL_CASES, GUARD_PROMPTS, guard_scores
-from pixart_core.vae import load_vae
+from pixart_core.loading.vae_files import load_vae
 from tests.conftest import ROOT
 from tests.test_cli import build_tiny_pipeline, fake_cache
 

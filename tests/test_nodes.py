@@ -17,7 +17,7 @@ from pixart_nodes import comfy_bridge as bridge
 from pixart_nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import T5_TOKENIZER
+from tests.conftest import record_keyword
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
@@ -31,21 +31,9 @@ TAKEN = {"PixArtCheckpointLoader", "PixArtCheckpointLoaderSimple", "PixArtResolu
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     models = harness.write_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-    work = tmp_path_factory.mktemp("comfy_dirs_nodes")
-    harness.Directories.input, harness.Directories.output, harness.Directories.temp = (
-        str(work / "input"), str(work / "output"), str(work / "temp"))
-    harness.example_input(work / "input", "pixart_delta_example.png", 64)
-    bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
-    yield models
-    bridge.set_models_root(None)
-    bridge.set_t5_tokenizer_dir(None)
-    bridge.request_interrupt(False)
-    model_cache.clear_all()
-    torch.set_num_threads(threads)
+    with harness.comfy_session(models, tmp_path_factory.mktemp("comfy_dirs_nodes"), 64):
+        yield models
 
 
 def text_to_image(model=FILES["lcm"], sampler="lcm", width=64, height=64, vae=FILES["sd_vae"], control=False) -> dict:
@@ -93,7 +81,8 @@ def test_every_node_follows_the_contract(name):
     delta_only = ("LCMSampler", "ControlNet", "HED")  # "PixArt-δ" only where δ is meant, "PixArt" elsewhere
     prefix = "PixArt-δ " if any(part in name for part in delta_only) else "PixArt "
     assert NODE_DISPLAY_NAME_MAPPINGS[name].startswith(prefix)
-    assert cls.CATEGORY.startswith("PixArt-δ/")
+    assert cls.CATEGORY in ("PixArt/loaders", "PixArt/conditioning", "PixArt/latent", "PixArt/sampling",
+                            "PixArt/controlnet")  # one menu; the display name marks what is δ only
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
     assert callable(getattr(cls, cls.FUNCTION))
     assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
@@ -145,6 +134,17 @@ def test_layout_run_time_packages_import_no_training_code_and_only_the_bridge_im
     assert [p for p in sources if imports_train.search(p.read_text())] == []
     assert [p.relative_to(ROOT).as_posix() for p in sources if imports_comfy.search(p.read_text())] == \
         ["pixart_nodes/comfy_bridge.py"]
+
+
+def test_layout_models_never_import_the_loaders():
+    """pixart_core/loading/ reads files into the models; the modules that make an image (and the model modules the
+    loaders fill) never import it, not even through another module (a fresh interpreter checks)."""
+    models = ["config", "transformer", "controlnet", "hed", "text_encoder", "vae", "vae_tiling", "schedule", "samplers",
+              "guidance", "step_cache", "resolution", "quantize"]
+    code = ("import sys\n" + "".join(f"import pixart_core.{m}\n" for m in models)
+            + "print(sorted(m for m in sys.modules if m.startswith('pixart_core.loading')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------------ ComfyUI's types
@@ -206,6 +206,31 @@ def test_loader_reports_what_it_detected_and_second_run_reuses_models(env):
     assert model_cache.TRANSFORMERS.loads == loads[0] + 1
     assert "precision bf16 (bfloat16)" in executor.last_results["1"][1]
     assert executor.last_results["1"][0].module.dtype == torch.bfloat16
+
+
+def test_text_encode_keeps_no_embedding_behind_comfyuis_back(env):
+    """ComfyUI's executor keeps the encode node's output; the core keeps nothing more: the node's T5 has no prompt
+    cache, so encoding the same prompt again runs T5 again (nothing was kept), and what it returned is freed once
+    the caller drops it."""
+    import gc
+    import weakref
+
+    executor, _ = run(text_to_image(model=FILES["alpha"], sampler="dpmpp_2m"))
+    t5, model = executor.last_results["2"][0], executor.last_results["1"][0]
+    assert t5.module.cache is None
+    runs, forward = [], t5.module.model.forward
+    t5.module.model.forward = lambda *a, **k: runs.append(1) or forward(*a, **k)
+    node = NODE_CLASS_MAPPINGS["PixArtDeltaT5TextEncode"]()
+    try:
+        first = node.encode(t5, "a cat", "", 0, model)[0]
+        again = node.encode(t5, "a cat", "", 0, model)[0]
+    finally:
+        t5.module.model.forward = forward
+    assert len(runs) == 4 and torch.equal(first.embeds, again.embeds)  # prompt and negative, twice
+    gone = [weakref.ref(t) for t in (first.embeds, first.negative_embeds)]
+    del first
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
 
 
 def test_resolution_node_gives_the_models_own_bins(env):
@@ -460,23 +485,17 @@ def test_harness_keeps_the_validate_inputs_pitfalls(env):
 # ------------------------------------------------------------------------------------------------ speed and memory options
 def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     """The optional step_cache combo: validated like any combo, off when absent (older workflows), and when on the
-    core gets its options; with T-GATE the model runs the conditional batch alone after the gate."""
+    core gets its mode name; with T-GATE the model runs the conditional batch alone after the gate."""
     from pixart_nodes import sampling
-    from pixart_core.step_cache import StepCacheOptions
     from pixart_core.transformer import PixArtTransformer
 
-    seen_options, batches = [], []
-    core, forward = sampling.sample_batch, PixArtTransformer.forward
-
-    def spy_core(*args, step_cache=None, **kwargs):
-        seen_options.append(step_cache)
-        return core(*args, step_cache=step_cache, **kwargs)
+    batches, forward = [], PixArtTransformer.forward
+    seen_options = record_keyword(monkeypatch, sampling, "sample_batch", "step_cache")
 
     def spy_forward(self, x, *args, **kwargs):
         batches.append((x.shape[0], "cross_attn_hook" in kwargs, "block_hook" in kwargs))
         return forward(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(sampling, "sample_batch", spy_core)
     monkeypatch.setattr(PixArtTransformer, "forward", spy_forward)
 
     def latent(cache, sampler="dpmpp_2m"):
@@ -488,16 +507,16 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
         return run(prompt)[0].last_results["4"][0]["samples"]
 
     plain = latent(None)
-    assert seen_options[-1] is None and batches == [(2, False, False)] * 4
+    assert seen_options[-1] == "off" and batches == [(2, False, False)] * 4
     gated = latent("t-gate")
-    assert seen_options[-1] == StepCacheOptions(tgate=True)
+    assert seen_options[-1] == "t-gate"
     assert batches == [(2, True, False)] * 2 + [(1, True, False)] * 2  # CFG dropped after the gate (step 2 of 4)
     assert 0 < (gated - plain).norm() / plain.norm() < 0.05  # the bound of test_step_cache (measured 0.03%)
     latent("delta-dit", sampler="lcm")
-    assert seen_options[-1] == StepCacheOptions(delta_dit=True) and batches == [(1, False, True)] * 4
+    assert seen_options[-1] == "delta-dit" and batches == [(1, False, True)] * 4
     assert latent("T-GATE").equal(gated)  # the spelling workflows saved before one ASCII spelling: migrated
     latent("Δ-DiT", sampler="lcm")
-    assert seen_options[-1] == StepCacheOptions(delta_dit=True)
+    assert seen_options[-1] == "delta-dit"
     with pytest.raises(harness.PromptRejected) as err:
         latent("faster")
     assert [e["type"] for e in err.value.node_errors["4"]["errors"]] == ["custom_validation_failed"]
@@ -505,12 +524,12 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
 
 
 def test_loader_fp8_precision(env, monkeypatch):
-    from pixart_nodes import transformer_loader
+    from pixart_core.loading import checkpoint
     from pixart_core.quantize import FP8_DTYPE, Fp8Linear
 
     loader = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()
-    monkeypatch.setattr(transformer_loader, "FP8_DTYPE", None)  # a torch build without float8
-    with pytest.raises(PixArtError, match="fp8 needs float8 support.*int8"):
+    monkeypatch.setattr(checkpoint, "FP8_DTYPE", None)  # a torch build without float8
+    with pytest.raises(PixArtError, match="fp8 weights need float8 support.*int8"):
         loader.load(FILES["alpha"], "fp8", "auto", "auto", "auto")
     monkeypatch.undo()
     if FP8_DTYPE is None:

@@ -23,7 +23,7 @@ from pixart_core import pipeline as pl
 from pixart_core.loading.checkpoint import load_transformer
 from pixart_core.errors import PixArtError
 from pixart_core.guidance import Interrupted
-from pixart_core.vae import PixArtVAE
+from pixart_core.vae import PixArtVAE, raw_to_scaled, scaled_to_raw
 from tests.factories import tiny_diffusers_transformer
 
 TOL = 1e-4
@@ -31,13 +31,7 @@ CAPTION = 64  # tiny caption channels (T5 would give 4096)
 TEXT_LEN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far slower when several test processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -377,6 +371,19 @@ def test_sample_batch_runs_one_image_at_a_time_after_out_of_memory(models):
             pl.sample_batch(ours, embeds, mask, free_memory=freed.append, **kwargs)
     finally:
         ours.forward = forward
+
+
+def test_sample_batch_takes_and_gives_raw_latents(models):
+    """raw_latents=True (the sampler nodes' one call): ComfyUI's raw LATENT in, converted with the model's latent
+    scale, and raw latents out; the same numbers as converting by hand around the scaled call."""
+    ours = models["alpha"][1]
+    embeds, mask, neg, neg_mask = embeddings(1)
+    raw = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)) * 5
+    scale = ours.config.latent_scale
+    kwargs = dict(negative_embeds=neg, negative_mask=neg_mask, width=64, height=64, batch_size=1, seed=3,
+                  sampler="dpmpp_2m", steps=2, guidance_scale=4.5, denoise=0.6)
+    by_hand = scaled_to_raw(pl.sample_batch(ours, embeds, mask, init_latent=raw_to_scaled(raw, scale), **kwargs), scale)
+    assert torch.equal(pl.sample_batch(ours, embeds, mask, init_latent=raw, raw_latents=True, **kwargs), by_hand)
 
 
 def test_sample_batch_checks_its_inputs(models):

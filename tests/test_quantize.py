@@ -73,7 +73,7 @@ def test_8bit_weights_take_about_half_the_bf16_memory(checkpoint, mode):
 
 
 def test_only_block_layers_are_quantised(checkpoint):
-    model = quantize_transformer(load_transformer(checkpoint, dtype=torch.bfloat16), "fp8")
+    model = load_transformer(checkpoint, dtype=torch.bfloat16, weights="fp8")  # the loader's one call
     assert not block_linears(model)  # every block Linear replaced
     assert all(type(b.mlp.fc1) is Fp8Linear for b in model.blocks)
     for m in (model.t_block[1], model.y_embedder.y_proj.fc1, model.final_layer.linear, model.t_embedder.mlp[0]):
@@ -109,3 +109,5 @@ def test_bad_requests_are_refused(checkpoint):
     quantize_transformer(model, "int8")
     with pytest.raises(PixArtError, match="already quantised"):
         quantize_transformer(model, "fp8")
+    with pytest.raises(PixArtError, match="Unknown weight storage 'int4'"):
+        load_transformer(checkpoint, weights="int4")

@@ -21,11 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from pixart_nodes import NODE_CLASS_MAPPINGS
 from pixart_nodes import comfy_bridge as bridge
-from pixart_nodes import model_cache
 from pixart_core.loading import bundled
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import T5_TOKENIZER
 
 
 class Sink:
@@ -95,25 +93,14 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny):
     """A models root holding the good tiny files plus, per loader, the bad ones written by the tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bad_models")
     for folder in FOLDERS:
         (root / folder).mkdir()
     for rel in harness.TINY_FILES.values():
+        (root / rel).parent.mkdir(exist_ok=True)  # folders without a loader case here too (loras)
         shutil.copy(tiny / rel, root / rel)
-    work = tmp_path_factory.mktemp("comfy_dirs_files")
-    harness.Directories.input, harness.Directories.output, harness.Directories.temp = (
-        str(work / "input"), str(work / "output"), str(work / "temp"))
-    harness.example_input(work / "input", "pixart_delta_example.png", 32)
-    bridge.set_models_root(root)
-    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
-    model_cache.clear_all()
-    yield root
-    bridge.set_models_root(None)
-    bridge.set_t5_tokenizer_dir(None)
-    model_cache.clear_all()
-    torch.set_num_threads(threads)
+    with harness.comfy_session(root, tmp_path_factory.mktemp("comfy_dirs_files"), 32):
+        yield root
 
 
 def good_file(root: Path, loader: str) -> Path:

@@ -29,7 +29,6 @@ from pixart_nodes import comfy_bridge as bridge
 from pixart_nodes import model_cache
 from pixart_core.errors import PixArtError
 from tests import comfy_harness as harness
-from tests.conftest import T5_TOKENIZER
 
 CLASSES = {**NODE_CLASS_MAPPINGS, **harness.NATIVE_NODES}
 FILES = {k: Path(v).name for k, v in harness.TINY_FILES.items()}
@@ -43,22 +42,9 @@ def node(name: str):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     models = harness.write_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
-    work = tmp_path_factory.mktemp("comfy_dirs_runs")
-    harness.Directories.input, harness.Directories.output, harness.Directories.temp = (
-        str(work / "input"), str(work / "output"), str(work / "temp"))
-    harness.example_input(work / "input", "pixart_delta_example.png", 64)
-    bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
-    model_cache.clear_all()
-    yield models
-    bridge.set_models_root(None)
-    bridge.set_t5_tokenizer_dir(None)
-    bridge.request_interrupt(False)
-    model_cache.clear_all()
-    torch.set_num_threads(threads)
+    with harness.comfy_session(models, tmp_path_factory.mktemp("comfy_dirs_runs"), 64):
+        yield models
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +329,7 @@ def test_cancel_while_loading_leaves_nothing_half_loaded(env, monkeypatch):
     """ComfyUI stops a run by raising from inside whatever is running; a loader interrupted halfway (transformer,
     ControlNet, T5) must not leave a half-built model in the cache."""
     import pixart_core.loading.checkpoint as checkpoint
-    import pixart_core.controlnet as controlnet
+    import pixart_core.loading.controlnet_files as controlnet
     import pixart_core.loading.t5_loading as t5_loading
 
     prompt = workflow(tile=32, mode="fast")
@@ -364,12 +350,9 @@ def test_cancel_while_loading_leaves_nothing_half_loaded(env, monkeypatch):
 
 
 def test_cancel_while_encoding_text_leaves_no_stale_embedding(env, monkeypatch):
-    from pixart_core.text_encoder import clear_cache
-
     prompt = workflow(prompt="a cancelled prompt", control=False)
     executor = run(prompt)
     fresh = image_of(executor).clone()
-    clear_cache()
     encoder_stack = type(executor.last_results["2"][0].module.model.encoder)
 
     def forward(self, *args, **kwargs):

@@ -86,7 +86,7 @@ def assert_close_trajectory(ours, theirs, tol=TOL):
 def test_alphas_cumprod_matches_diffusers_and_reference_values():
     ref = LCMScheduler(**PIXART_BETAS).alphas_cumprod
     assert torch.equal(SCHEDULE.alphas_cumprod.float(), ref)
-    # pixart-reference.md §3: ᾱ_999, ᾱ_759, ᾱ_499, ᾱ_259
+    # linear betas 1e-4..0.02 (α repo gaussian_diffusion.get_named_beta_schedule): ᾱ_999, ᾱ_759, ᾱ_499, ᾱ_259
     for t, v in [(999, 4.036e-5), (759, 2.877e-3), (499, 7.859e-2), (259, 0.4976)]:
         assert SCHEDULE.alpha_bar(t) == pytest.approx(v, rel=1e-3)
 
@@ -101,7 +101,7 @@ def test_lcm_table_matches_lcm_scheduler(steps):
 
 
 def test_lcm_original_table_is_the_repo_table():
-    # pixart-reference.md §4: the original repo's diffusion/lcm_scheduler.py tables.
+    # the original repo's diffusion/lcm_scheduler.py tables.
     assert schedule.lcm_timesteps(4, table="original") == [999, 759, 519, 279]
     assert schedule.lcm_timesteps(3, table="original") == [999, 679, 359]
     assert schedule.lcm_timesteps(8, table="original") == [999, 879, 759, 639, 519, 399, 279, 159]

@@ -17,12 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from pixart_core.errors import PixArtError
-from pixart_core.text_encoder import (
-    T5TextEncoder,
-    clear_cache,
-    encode_prompts,
-    load_t5,
-)
+from pixart_core.loading.t5_loading import load_t5
+from pixart_core.text_encoder import PromptEmbeddingCache, T5TextEncoder, encode_prompts
 from pixart_core.transformer import null_embedding_conditioning
 from tests.conftest import T5_TOKENIZER
 
@@ -80,13 +76,6 @@ def layouts(reference_model, tmp_path_factory):
     state = {k: v.contiguous() for k, v in reference_model.state_dict().items() if k != "encoder.embed_tokens.weight"}
     save_file(state, str(single))
     return {"pipeline": pipeline, "hf": hf, "single": single}
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
 
 
 def load(path, precision="fp32", **kw) -> T5TextEncoder:
@@ -280,8 +269,8 @@ def test_quantised_encoders_run_on_cpu(layouts, precision, minimum):
 
 
 # ---------------------------------------------------------------------------------------------------------- cache
-def test_cache_hit_does_not_call_the_encoder(layouts):
-    enc = load(layouts["hf"])
+def count_t5_runs(enc: T5TextEncoder) -> list[int]:
+    """The batch size of every T5 run of `enc` from now on."""
     calls = []
     forward = enc.model.forward
 
@@ -290,6 +279,12 @@ def test_cache_hit_does_not_call_the_encoder(layouts):
         return forward(input_ids, **kw)
 
     enc.model.forward = counting_forward
+    return calls
+
+
+def test_cache_hit_does_not_call_the_encoder(layouts):
+    enc = load(layouts["hf"], cache=PromptEmbeddingCache())
+    calls = count_t5_runs(enc)
     first, first_mask = enc.encode(["a cat", "a dog"], 120)
     assert calls == [2]
     again, again_mask = enc.encode(["a dog", "a cat"], 120)
@@ -300,13 +295,48 @@ def test_cache_hit_does_not_call_the_encoder(layouts):
     enc.encode(["a cat"], 300)  # another length is another entry
     enc.encode(["a cat"], 120, clean_caption=True)
     assert calls == [2, 1, 1, 1]
-    clear_cache()
+    enc.cache.clear()
     enc.encode(["a cat"], 120)
     assert calls == [2, 1, 1, 1, 1]
 
 
+def test_without_a_cache_nothing_is_kept(layouts):
+    """The default (and the ComfyUI nodes', whose executor keeps node outputs): every call runs T5, and the encoder
+    holds no reference to what it returned."""
+    import weakref
+
+    enc = load(layouts["hf"])
+    assert enc.cache is None
+    calls = count_t5_runs(enc)
+    first, _ = enc.encode(["a cat"], 120)
+    again, _ = enc.encode(["a cat"], 120)
+    assert calls == [1, 1] and torch.equal(first, again)
+    gone = weakref.ref(first)
+    del first
+    assert gone() is None
+
+
+def test_cache_is_bounded_by_bytes(layouts):
+    enc = load(layouts["hf"])
+    embeds, mask = enc.encode(["a cat"], 120)
+    one_prompt = embeds[0].nbytes + mask[0].nbytes  # what the cache keeps of one prompt
+    enc.cache = PromptEmbeddingCache(max_bytes=2 * one_prompt)
+    calls = count_t5_runs(enc)
+    for prompt in ("a cat", "a dog", "a bird"):  # the third evicts the least recently used, "a cat"
+        enc.encode([prompt], 120)
+    assert len(enc.cache) == 2 and enc.cache.bytes == 2 * one_prompt
+    enc.encode(["a bird"], 120)
+    enc.encode(["a dog"], 120)
+    assert calls == [1, 1, 1]
+    enc.encode(["a cat"], 120)
+    assert calls == [1, 1, 1, 1] and enc.cache.bytes == 2 * one_prompt
+    enc.cache = PromptEmbeddingCache(max_bytes=one_prompt - 1)  # an entry larger than the bound is not kept
+    enc.encode(["a cat"], 120)
+    assert len(enc.cache) == 0 and enc.cache.bytes == 0
+
+
 def test_unload_keeps_the_cache_and_reloads_on_a_miss(layouts):
-    enc = load(layouts["single"])
+    enc = load(layouts["single"], cache=PromptEmbeddingCache())
     first, _ = enc.encode(["a cat"], 120)
     enc.unload()
     assert not enc.is_loaded
@@ -314,7 +344,7 @@ def test_unload_keeps_the_cache_and_reloads_on_a_miss(layouts):
     assert not enc.is_loaded and torch.equal(cached, first)
     fresh, _ = enc.encode(["a red cat"], 120)
     assert enc.is_loaded and fresh.shape == first.shape
-    clear_cache()
+    enc.cache.clear()
     assert torch.equal(enc.encode(["a cat"], 120)[0], first)
 
 

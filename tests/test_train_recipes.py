@@ -220,8 +220,8 @@ def test_controlnet_starts_as_the_base_and_loss_falls(pretrained, tokenizer, poo
 
 def test_export_layouts_load_back_through_the_loaders(pretrained, tokenizer, tmp_path):
     from pixart_core.loading.checkpoint import load_transformer
-    from pixart_core.controlnet import load_controlnet
-    from pixart_core.text_encoder import load_t5
+    from pixart_core.loading.controlnet_files import load_controlnet
+    from pixart_core.loading.t5_loading import load_t5
     from train.export import save_controlnet, save_original_transformer, save_pipeline, to_diffusers
 
     folder, _ = tokenizer
@@ -333,7 +333,7 @@ def test_binding_probe_helper(tokenizer):
 
 
 def test_text_pretraining_loss_falls_and_encoder_is_a_t5_encoder(tokenizer, tmp_path):
-    from pixart_core.text_encoder import load_t5
+    from pixart_core.loading.t5_loading import load_t5
     from train.text_pretrain import TextPretrainConfig, build_text_model, encoder_of, pretrain_text
 
     folder, tok = tokenizer

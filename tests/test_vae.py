@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from pixart_core.errors import PixArtError
-from pixart_core.vae import (SD_VAE_CONFIG, PixArtVAE, decode_fitting, encode_fitting, load_vae, raw_to_scaled,
-                             scaled_to_raw)
+from pixart_core.loading.vae_files import load_vae
+from pixart_core.vae import SD_VAE_CONFIG, PixArtVAE, decode_fitting, encode_fitting, raw_to_scaled, scaled_to_raw
 from tests.factories import to_ldm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,14 +59,7 @@ def report(name: str, **numbers) -> None:
     print(f"[vae] {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in numbers.items()))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models and small tiles: on a busy 2-core machine two OpenMP threads make each small convolution wait for
-    a descheduled thread (40 ms instead of 0.5 ms). One thread keeps the tests fast; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models and small tiles
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,7 +68,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("height,width", [(512, 512), (768, 1024)])
-def test_tiled_decode_matches_whole_and_fast_beats_diffusers_tiling(height, width, one_thread):
+def test_tiled_decode_matches_whole_and_fast_beats_diffusers_tiling(height, width):
     model = tiny_model()
     vae = PixArtVAE(model, "sd", 0.18215)
     z = smooth_latents(height // 8, width // 8)
@@ -93,7 +86,7 @@ def test_tiled_decode_matches_whole_and_fast_beats_diffusers_tiling(height, widt
     assert d_theirs.max() > 0.1  # diffusers really tiled this input (and left tile-sized differences)
 
 
-def test_tiled_decode_full_sd_architecture_512(one_thread):
+def test_tiled_decode_full_sd_architecture_512():
     """The real SD VAE shape (128-512 channels, 32 groups, 512-wide mid attention) with random weights at 512x512:
     exact tiled decode (small tiles) equals diffusers' untiled decode. ~17 s per decode on this CPU, so only exact
     here; the tiny-VAE tests compare fast mode with diffusers' tiling, and bench_vae.py does it at 2048 on this
@@ -110,7 +103,7 @@ def test_tiled_decode_full_sd_architecture_512(one_thread):
     assert (exact - whole).abs().max().item() <= 1e-3
 
 
-def test_tiled_encode_matches_whole(one_thread):
+def test_tiled_encode_matches_whole():
     model = tiny_model()
     vae = PixArtVAE(model, "sd", 0.18215)
     image = smooth_image(512, 384)
@@ -207,6 +200,10 @@ def test_raw_and_scaled_latents_convert_both_ways():
     assert decoded.min() >= 0 and decoded.max() <= 1
     signed = vae.decode(z, mode="whole", output="signed")
     assert torch.allclose(decoded, (signed * 0.5 + 0.5).clamp(0, 1))
+    # the nodes' one call each way: raw latents (ComfyUI's LATENT) in and out of the fitting decode / encode
+    assert torch.equal(decode_fitting(vae, raw, "whole", raw_latents=True), vae.decode(vae.from_raw(raw), mode="whole"))
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(encode_fitting(vae, images, raw_latents=True), vae.to_raw(vae.encode(images)))
 
 
 class _OutOfMemoryUntil:
@@ -248,7 +245,7 @@ def test_fitting_stops_with_a_user_error_at_the_smallest_tile_and_leaves_other_e
         decode_fitting(vae, smooth_latents(8, 8), free_memory=lambda collect: None)
 
 
-def test_progress_callback_and_interrupt(one_thread):
+def test_progress_callback_and_interrupt():
     vae = PixArtVAE(tiny_model(), "sd", 0.18215)
     z = smooth_latents(16, 16)
     for mode in ("exact", "fast"):
@@ -319,7 +316,7 @@ def overflowing_model() -> AutoencoderKL:
 
 
 @pytest.mark.parametrize("mode", ["whole", "exact", "fast"])
-def test_fp16_overflow_falls_back_instead_of_nan(mode, caplog, one_thread):
+def test_fp16_overflow_falls_back_instead_of_nan(mode, caplog):
     model = overflowing_model()
     z = smooth_latents(16, 16)
     with torch.no_grad():
@@ -407,7 +404,7 @@ def test_kind_resolution(tmp_path, caplog):
     assert load_vae(tmp_path / "sdxl_vae.safetensors", config_overrides=groups).kind == "sdxl"
     assert load_vae(tmp_path / "sdxl_vae.safetensors", kind="sd", config_overrides=groups).scaling_factor == 0.18215
     assert load_vae(tmp_path / "some_vae.safetensors", latent_scale=0.13025, config_overrides=groups).kind == "sdxl"
-    with caplog.at_level(logging.WARNING, logger="pixart_core.vae"):
+    with caplog.at_level(logging.WARNING, logger="pixart_core.loading.vae_files"):
         assert load_vae(tmp_path / "some_vae.safetensors", config_overrides=groups).kind == "sd"
     assert "cannot be told apart" in caplog.text
     model.save_pretrained(tmp_path / "folder")

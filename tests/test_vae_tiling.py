@@ -33,14 +33,7 @@ def runner(channels_last: bool = False) -> TileRunner:
     return TileRunner(CPU, CPU, torch.float32, torch.float32, channels_last=channels_last)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of tiny tiles: with two OpenMP threads on a busy 2-core machine each small convolution waits for a
-    descheduled thread (40 ms instead of 0.5 ms). One thread keeps these tests fast; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # hundreds of tiny tiles
 
 
 @pytest.fixture(scope="module")

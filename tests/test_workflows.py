@@ -13,10 +13,7 @@ import torch
 from PIL import Image
 
 from pixart_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from pixart_nodes import comfy_bridge as bridge
-from pixart_nodes import model_cache
 from tests import comfy_harness as harness
-from tests.conftest import T5_TOKENIZER
 from tests.ui_to_api import ui_to_api
 from workflows import build
 
@@ -51,21 +48,11 @@ def load(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares two cores; one thread per test process avoids oversubscription
     models = harness.write_tiny_models(tmp_path_factory.getbasetemp() / "tiny_models")
     work = tmp_path_factory.mktemp("comfy_dirs")
-    harness.Directories.input, harness.Directories.output, harness.Directories.temp = (
-        str(work / "input"), str(work / "output"), str(work / "temp"))
-    harness.example_input(work / "input", build.EXAMPLE_IMAGE, TEST_SIZE)
-    harness.example_input(work / "input", build.INPAINT_IMAGE, TEST_SIZE)
-    bridge.set_models_root(models)
-    bridge.set_t5_tokenizer_dir(T5_TOKENIZER)
-    yield work
-    bridge.set_models_root(None)
-    bridge.set_t5_tokenizer_dir(None)
-    model_cache.clear_all()
-    torch.set_num_threads(threads)
+    with harness.comfy_session(models, work, TEST_SIZE, build.EXAMPLE_IMAGE):
+        harness.example_input(work / "input", build.INPAINT_IMAGE, TEST_SIZE)
+        yield work
 
 
 def shrink(prompt: dict) -> dict:

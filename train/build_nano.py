@@ -150,12 +150,13 @@ def _load_vae(folder: Path, latent_scale: float, log: Logger):
     from diffusers import AutoencoderKL
 
     from pixart_core.errors import PixArtError
-    from pixart_core.vae import PixArtVAE, load_vae
+    from pixart_core.loading.vae_files import load_vae
+    from pixart_core.vae import PixArtVAE
 
     try:
         return load_vae(str(folder), latent_scale=latent_scale)
     except PixArtError as e:
-        log(f"NOTE: pixart_core.vae.load_vae failed on the nano VAE ({str(e)[:160]}...); "
+        log(f"NOTE: load_vae failed on the nano VAE ({str(e)[:160]}...); "
             "using AutoencoderKL.from_pretrained for the evaluation")
         return PixArtVAE(AutoencoderKL.from_pretrained(str(folder)), "sd", latent_scale)
 
@@ -163,8 +164,8 @@ def _load_vae(folder: Path, latent_scale: float, log: Logger):
 def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int = 777) -> dict:
     """Reload everything through the project's loaders and score it."""
     from pixart_core.loading.checkpoint import load_transformer
-    from pixart_core.controlnet import load_controlnet
-    from pixart_core.text_encoder import load_t5
+    from pixart_core.loading.controlnet_files import load_controlnet
+    from pixart_core.loading.t5_loading import load_t5
 
     lcm = load_transformer(out / LCM_DIR, dtype=torch.float32)
     base = load_transformer(out / BASE_FILE, dtype=torch.float32)

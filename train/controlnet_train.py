@@ -1,4 +1,4 @@
-"""Recipe 3: ControlNet-Transformer training as PixArt-δ (`train_scripts/train_controlnet.py`, pixart-reference.md §5)
+"""Recipe 3: ControlNet-Transformer training as PixArt-δ (α repo `train_scripts/train_controlnet.py`)
 for any PixArtTransformer base, using the project's PixArtControlNet (controlnet.py).
 
 - N trainable copies of the first base blocks: 13 for XL-2, half the depth for small models (`default_copies`);

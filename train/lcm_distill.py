@@ -1,5 +1,5 @@
 """Recipe 2: latent-consistency distillation exactly as PixArt-δ (`train_scripts/train_pixart_lcm.py`,
-pixart-reference.md §4), for any PixArtTransformer teacher.
+α repo `train_scripts/train_pixart_lcm.py`), for any PixArtTransformer teacher.
 
 - teacher: frozen; student: initialised from the teacher; target network: EMA of the student, decay 0.95;
 - DDIM skeleton of 50 steps, skip k = 1000 // 50 = 20: start t ∈ {19, 39, ..., 999}, target t = start - 20 (>= 0);

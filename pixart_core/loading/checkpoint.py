@@ -32,6 +32,7 @@ from .checkpoint_formats import (
 from ..config import ALPHA, EPSILON, PREDICTION_TYPES, SIGMA, PixArtConfig, default_pe_interpolation
 from ..errors import PixArtError
 from ..memory import return_freed_memory
+from ..quantize import FP8_DTYPE, MODES as WEIGHT_MODES, quantize_transformer
 from ..transformer import PixArtTransformer
 
 CONTROLNET_PREFIX = "controlnet."
@@ -282,8 +283,13 @@ def load_transformer(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     overrides: dict | None = None,
+    weights: str = "none",
 ) -> PixArtTransformer:
-    """Load any supported PixArt checkpoint. The model's `.detection` says what was found."""
+    """Load any supported PixArt checkpoint. The model's `.detection` says what was found.
+
+    weights: "none" keeps the block weights in `dtype`; "int8" / "fp8" store them in 8 bits after the load (see
+    quantize.py), layer by layer, so the extra memory is one Linear. int8 weights stay on `device`."""
+    _check_weight_mode(weights)  # before the read, not after a wasted one
     source = path if isinstance(path, StateDictSource) else open_checkpoint(path)
     detection = detect(source.shapes(), source.config, overrides, source.prediction_type)
     model = build_empty(detection.config)
@@ -295,7 +301,15 @@ def load_transformer(
     model.detection = detection
     model.source_path = str(source.path)
     return_freed_memory()  # the file's tensors converted while reading were freed; glibc would keep them mapped
-    return model
+    return quantize_transformer(model, weights)
+
+
+def _check_weight_mode(weights: str) -> None:
+    if weights not in WEIGHT_MODES:
+        raise PixArtError(f"Unknown weight storage {weights!r}; choose one of: {', '.join(WEIGHT_MODES)}.")
+    if weights == "fp8" and FP8_DTYPE is None:
+        raise PixArtError(f"fp8 weights need float8 support, which this torch ({torch.__version__}) lacks; choose "
+                          "int8 (same memory) or update torch to 2.1 or later.")
 
 
 def describe(path: str | os.PathLike, overrides: dict | None = None) -> dict:

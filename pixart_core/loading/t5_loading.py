@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import PixArtError
+from ..text_encoder import FF_OUTPUT, PromptEmbeddingCache, T5TextEncoder
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4")
 QUANTISED = ("int8", "nf4")
@@ -44,7 +45,6 @@ COMPUTE_DTYPE = {
     "int8": torch.bfloat16,
     "nf4": torch.bfloat16,
 }
-FF_OUTPUT = "DenseReluDense.wo"  # the projection kept out of fp16 and out of quantisation
 
 _EMBEDDING = "shared.weight"
 _EMBEDDING_ALIAS = "encoder.embed_tokens.weight"
@@ -396,3 +396,46 @@ def load_tokenizer(directory: str | Path):
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # transformers raises several types (OSError, ValueError, EnvironmentError)
         raise PixArtError(f"Cannot load the T5 tokenizer from '{directory}': {e}") from e
+
+
+def load_t5(
+    path: str | Path,
+    precision: str = "bf16",
+    device: str | torch.device = "cpu",
+    tokenizer_path: str | Path | None = None,
+    tokenizer_fallbacks: Sequence[str | Path] = (),
+    cache: PromptEmbeddingCache | None = None,
+) -> T5TextEncoder:
+    """Load a T5 encoder from a diffusers pipeline folder, a Hugging Face folder or a single .safetensors file.
+
+    precision: "fp32", "bf16", "fp16" (wo kept fp32), "int8" or "nf4" (bitsandbytes; CPU or CUDA).
+    Tokenizer: `tokenizer_path` if given, else the folder's tokenizer (tokenizer/ or the folder itself), else the
+    first of `tokenizer_fallbacks` that holds one (the ComfyUI node passes ComfyUI's bundled t5_tokenizer folder).
+    cache: keep encoded prompts there (see PromptEmbeddingCache); None keeps nothing.
+    """
+    if precision not in PRECISIONS:
+        raise PixArtError(f"Unknown T5 precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    source = locate_t5(path)
+    if tokenizer_path is not None:
+        tokenizer_dir = find_tokenizer_dir([tokenizer_path])
+        if tokenizer_dir is None:
+            raise PixArtError(
+                f"No T5 tokenizer in '{tokenizer_path}' (expected tokenizer.json or spiece.model there)."
+            )
+    else:
+        tokenizer_dir = find_tokenizer_dir([*source.tokenizer_candidates, *tokenizer_fallbacks])
+        if tokenizer_dir is None:
+            looked = [str(p) for p in [*source.tokenizer_candidates, *tokenizer_fallbacks]]
+            raise PixArtError(
+                f"No T5 tokenizer found for '{path}' (looked in {looked}). Put the T5 v1.1 tokenizer files "
+                "(tokenizer.json, tokenizer_config.json, special_tokens_map.json) in a folder and pass it as the "
+                "tokenizer path, or use the diffusers pipeline folder, which has tokenizer/."
+            )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_t5_model(source, precision, device)
+
+    def reload(to_device: torch.device) -> nn.Module:
+        return load_t5_model(source, precision, to_device)
+
+    identity = f"{source.identity}|{tokenizer_dir.resolve()}"
+    return T5TextEncoder(model, tokenizer, precision, identity=identity, reload=reload, cache=cache)
