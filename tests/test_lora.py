@@ -9,7 +9,6 @@ folded into B before the matmul instead of after, as PEFT does): a few ulps (1.2
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest

@@ -7,7 +7,6 @@ layout into tmp dirs, and read with the real T5 v1.1 tokenizer from tests/data/t
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import shutil
 from pathlib import Path

@@ -10,7 +10,7 @@ import torch
 
 from pixart_core.schedule import ddpm_schedule
 from train import caption_checker, common, data
-from train.common import LatentPool, TrainSchedule
+from train.common import TrainSchedule
 from train.controlnet_train import ControlNetTrainConfig, HintPool, controlnet_from_base, train_controlnet
 from train.lcm_distill import LCMConfig, boundary_scalings, lcm_distill
 from train.pretrain import PretrainConfig, VPredictionAsEpsilon, pretrain
