@@ -121,7 +121,7 @@ def write_gguf(path: Path, size: str, kind: str) -> tuple[int, float]:
 
 def measure(path: Path, precision: str, max_length: int, tokenizer_dir: Path) -> dict:
     """Load the file with the loader the node uses, in this (fresh) process."""
-    from pixart_core.text_encoder import clear_cache, load_t5
+    from pixart_core.loading.t5_loading import load_t5
 
     import gguf  # noqa: F401  (imported before measuring, like bitsandbytes)
     if precision in ("int8", "nf4"):
@@ -131,7 +131,6 @@ def measure(path: Path, precision: str, max_length: int, tokenizer_dir: Path) ->
     encoder = load_t5(path, precision=precision, tokenizer_path=tokenizer_dir)
     load_s = time.perf_counter() - start
     rss_after, peak = memory_bytes()
-    clear_cache()
     start = time.perf_counter()
     embeds, _ = encoder.encode([PROMPT], max_length)
     encode_s = time.perf_counter() - start

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from pixart_core.errors import PixArtError
-from pixart_core.text_encoder import T5TextEncoder, clear_cache, load_t5
-from pixart_core.loading.t5_loading import load_tokenizer
+from pixart_core.text_encoder import T5TextEncoder
+from pixart_core.loading.t5_loading import load_t5, load_tokenizer
 from tests.conftest import T5_TOKENIZER
 
 gguf = pytest.importorskip("gguf")
@@ -50,13 +50,6 @@ def reference():
     torch.manual_seed(0)
     model = T5EncoderModel(tiny_config()).eval()
     return T5TextEncoder(model, load_tokenizer(T5_TOKENIZER), "fp32")
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
 
 
 # ----------------------------------------------------------------------------------------- K-quants, from ggml's layout
