@@ -23,6 +23,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def _build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
+    from .loading.t5_loading import PRECISIONS as T5_PRECISIONS
     from .quantize import MODES as QUANTIZE_MODES
     from .step_cache import MODES as STEP_CACHE_MODES
 
@@ -65,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="transformer precision")
     gen.add_argument("--quantize", choices=list(QUANTIZE_MODES), default="none",
                      help="8-bit transformer block weights (pixart_core.quantize): int8-dynamic is the fast one")
-    gen.add_argument("--t5-precision", choices=["fp32", "bf16", "fp16", "int8", "nf4"], default="bf16")
+    gen.add_argument("--t5-precision", choices=list(T5_PRECISIONS), default="bf16")
     gen.add_argument("--vae-dtype", choices=list(DTYPES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--no-progress", action="store_true")
