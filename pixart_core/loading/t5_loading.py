@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import PixArtError
+from ..memory import return_freed_memory
 from ..text_encoder import FF_OUTPUT, PromptEmbeddingCache, T5TextEncoder
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "int8-wo-bf16", "nf4-wo-bf16")
@@ -323,6 +324,7 @@ def build_t5_encoder(config, tensor_for, precision: str, device: str | torch.dev
             module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
         del tensor
     model.encoder.embed_tokens.weight = model.shared.weight  # re-tie: assignment above replaced the shared Parameter
+    return_freed_memory()  # glibc keeps the freed temporaries of quantising (and of casting) mapped otherwise
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise PixArtError(f"T5 weights are incomplete; missing {left[:5]}.")
