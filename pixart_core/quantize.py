@@ -75,6 +75,14 @@ def int_mm_available(device_type: str) -> bool:
         return False
 
 
+def require_int_mm(device_type: str) -> None:
+    """The refusal of int8-dynamic where torch has no int8 matmul for the device."""
+    if not int_mm_available(device_type):
+        raise PixArtError(f"int8-dynamic needs torch's int8 matrix multiply (torch._int_mm), which this torch "
+                          f"({torch.__version__}) does not offer on {device_type}; choose int8 or fp8 (same memory, "
+                          "no speed-up) or update torch.")
+
+
 def _int_mm_fits(m: int, k: int, n: int, device_type: str) -> bool:
     """torch._int_mm's shape rules: none on the CPU; CUDA needs more than 16 rows and K, N multiples of 8."""
     return device_type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0)
@@ -181,10 +189,8 @@ def quantize_transformer(model: nn.Module, mode: str, *, int8_threshold: float =
         raise PixArtError(f"This transformer is already quantised ({model.quantization}); load it again to change.")
     if mode == "fp8" and FP8_DTYPE is None:
         raise PixArtError("This torch build has no float8 dtypes; use int8 weights or update torch (>= 2.1).")
-    if mode == "int8-dynamic" and not int_mm_available(model.device.type):
-        raise PixArtError(f"int8-dynamic needs torch's int8 matrix multiply (torch._int_mm), which this torch "
-                          f"({torch.__version__}) does not offer on {model.device.type}; choose int8 or fp8 (same "
-                          "memory, no speed-up) or update torch.")
+    if mode == "int8-dynamic":
+        require_int_mm(model.device.type)
     compute_dtype = model.dtype
     for parent, name in block_linears(model):  # one layer at a time: the old weight is freed by the setattr
         linear = getattr(parent, name)

@@ -150,3 +150,16 @@ def test_int8_dynamic_is_refused_without_the_int8_kernel(checkpoint, monkeypatch
     finally:
         quantize.int_mm_available.cache_clear()
     assert getattr(model, "quantization", "none") == "none" and block_linears(model)  # nothing was changed
+
+
+def test_int8_dynamic_is_refused_before_the_load(checkpoint, monkeypatch):
+    quantize.int_mm_available.cache_clear()
+    monkeypatch.delattr(torch, "_int_mm")
+    read = []
+    monkeypatch.setattr("pixart_core.loading.checkpoint.open_checkpoint", lambda path: read.append(path))
+    try:
+        with pytest.raises(PixArtError, match="int8-dynamic needs torch's int8 matrix multiply"):
+            load_transformer(checkpoint, dtype=torch.bfloat16, weights="int8-dynamic")
+    finally:
+        quantize.int_mm_available.cache_clear()
+    assert not read
