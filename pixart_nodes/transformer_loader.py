@@ -17,7 +17,7 @@ log = logging.getLogger("pixart_delta")
 
 FOLDERS = ("diffusion_models", "checkpoints")
 PRECISIONS = ["auto", "fp32", "fp16", "bf16", "int8", "fp8", "int8-dynamic"]  # new entries at the end
-EIGHT_BIT = ("int8", "fp8", "int8-dynamic")  # block weights in 8 bits, computed in the auto dtype (pixart_core.quantize)
+EIGHT_BIT = ("int8", "fp8", "int8-dynamic")  # block weights in 8 bits, computed in the auto dtype (quantize.py)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

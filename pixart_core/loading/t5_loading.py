@@ -15,10 +15,11 @@ memory-mapped file, cast (or quantised) on its own and put in place, so the peak
 Precisions: fp32, bf16, fp16 (the feed-forward output projection `wo` stays fp32: T5 v1.1 overflows fp16 there),
 int8 (LLM.int8) and nf4 through bitsandbytes, which runs on the CPU as well as CUDA; everything not quantised and the
 activations are bf16. In "int8" and "nf4" `wo` is quantised too, weight-only: nf4 through bitsandbytes' Linear4bit
-(which computes in bf16), int8 as int8 weights dequantised to bf16 for each call (quantize.Int8WeightLinear). Not
-bitsandbytes' int8 matmul: it computes in fp16, and T5 v1.1's feed-forward output overflows fp16 - the reason
-transformers keeps `wo` in fp32 (`_keep_in_fp32_modules`) and out of its own 8/4-bit loading. "int8-wo-bf16" / "nf4-wo-bf16" are
-the earlier variants with `wo` in bf16 (~2 GB more for XXL), kept for comparison and as the safe fallback.
+(which computes in bf16), int8 as int8 weights converted to bf16 block by block in the matmul
+(quantize.Int8WeightLinear). Not bitsandbytes' int8 matmul: it computes in fp16, and T5 v1.1's feed-forward output
+overflows fp16 - the reason transformers keeps `wo` in fp32 (`_keep_in_fp32_modules`) and out of its own 8/4-bit
+loading. "int8-wo-bf16" / "nf4-wo-bf16" are the earlier variants with `wo` in bf16 (~2 GB more for XXL), kept for
+comparison and as the safe fallback (nf4 loses a little accuracy with `wo` in 4 bits; docs/t5.md).
 """
 
 from __future__ import annotations
@@ -318,7 +319,8 @@ def build_t5_encoder(config, tensor_for, precision: str, device: str | torch.dev
             )
         if quantise:
             kind = precision.split("-")[0]
-            quantised = (_weight_only_ff_output if is_ff_output else _quantised_linear)(tensor.to(compute), kind, device)
+            make = _weight_only_ff_output if is_ff_output else _quantised_linear
+            quantised = make(tensor.to(compute), kind, device)
             _set_submodule(model, module_name, quantised)
         else:
             module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
@@ -365,7 +367,7 @@ class _UncastFFOutput(nn.Module):
 
 
 def _weight_only_ff_output(weight: torch.Tensor, kind: str, device: torch.device) -> nn.Module:
-    """`wo` quantised with bf16 activations (no fp16 anywhere): int8 weights dequantised per call, or nf4."""
+    """`wo` quantised with bf16 activations (no fp16 anywhere): int8 weight-only, or nf4."""
     if kind == "nf4":
         return _UncastFFOutput(_quantised_linear(weight, kind, device))
     from ..quantize import Int8WeightLinear
