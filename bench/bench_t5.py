@@ -5,9 +5,12 @@ the same builder the loader uses, so the resident memory is what a real checkpoi
 encode (tokenize + T5), the first call and the second.
 
     python bench/bench_t5.py            # T5-v1.1-XXL shape (4.7B parameters); each precision in its own process
+    python bench/bench_t5.py --precisions int8 nf4 int8-wo-bf16 nf4-wo-bf16 --threads 1
     python bench/bench_t5.py --quick    # a small T5 in this process, for a smoke test (seconds)
 
 Resident memory is the process RSS growth while building (Linux /proc/self/status); "peak" is the high-water mark.
+The accuracy table is the encode's cosine similarity to fp32 (valid tokens of two prompts) on a small T5 (2 and 4
+layers, random weights as transformers initialises them): a 4.7B fp32 reference does not fit this machine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixart_core.loading.t5_loading import build_t5_encoder, load_tokenizer  # noqa: E402
+from pixart_core.loading.t5_loading import QUANTISED, build_t5_encoder, load_tokenizer  # noqa: E402
 from pixart_core.text_encoder import T5TextEncoder  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "t5-v1_1-xxl"
@@ -65,7 +68,7 @@ def memory_bytes() -> tuple[int, int]:
 
 def measure(size: str, precision: str, max_length: int, tokenizer_dir: Path) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
-    if precision in ("int8", "nf4"):
+    if precision in QUANTISED:
         import bitsandbytes  # noqa: F401  (imported before measuring: its import alone is ~100 MB)
     torch.manual_seed(0)
     rss_before, _ = memory_bytes()
@@ -93,6 +96,31 @@ def measure(size: str, precision: str, max_length: int, tokenizer_dir: Path) -> 
     }
 
 
+def accuracy_rows(precisions: list[str], tokenizer_dir: Path) -> list[list]:
+    """Cosine of each precision's encode to fp32, on small T5s whose weights are shared by all precisions."""
+    import torch.nn.functional as F
+    from transformers import T5EncoderModel
+
+    prompts = [PROMPT, "two red apples on a wooden table, a blue cup behind them"]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    rows = []
+    for layers in (2, 4):
+        config = t5_config("quick")
+        config.num_layers = layers
+        torch.manual_seed(0)
+        state = T5EncoderModel(config).state_dict()
+
+        def encode(precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+            model = build_t5_encoder(config, lambda name, shape, dtype: state[name], precision, "cpu")
+            embeds, mask = T5TextEncoder(model, tokenizer, precision).encode(prompts, 120)
+            return embeds.float()[mask.bool()], mask
+
+        reference, _ = encode("fp32")
+        rows += [[layers, p, F.cosine_similarity(encode(p)[0].flatten(), reference.flatten(), dim=0).item()]
+                 for p in precisions]
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"T5 size {rows[0]['size']}, one prompt at max_length {rows[0]['max_length']}, "
           f"{rows[0]['threads']} CPU threads")
@@ -106,12 +134,15 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small T5, in this process (smoke test)")
-    parser.add_argument("--precisions", nargs="+", default=["bf16", "int8", "nf4"])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "int8", "nf4", "int8-wo-bf16", "nf4-wo-bf16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each measurement")
     parser.add_argument("--max-length", type=int, default=120, help="120 (PixArt-α) or 300 (Σ)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one measurement, JSON out
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "xxl"
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.worker:
         print(json.dumps(measure(size, args.precisions[0], args.max_length, args.tokenizer)))
@@ -124,11 +155,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # a fresh process per precision, so one precision's freed memory does not hide the next one's growth
         cmd = [sys.executable, __file__, "--worker", "--precisions", precision,
                "--max-length", str(args.max_length), "--tokenizer", str(args.tokenizer)]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             sys.exit(f"{precision} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print_table(rows)
+    print("\nEncode cosine similarity to fp32, small T5 (d_model 128), two prompts:")
+    print("| layers | precision | cosine to fp32 |\n|---|---|---|")
+    for layers, precision, cos in accuracy_rows([r["precision"] for r in rows], args.tokenizer):
+        print(f"| {layers} | {precision} | {cos:.5f} |")
     return rows
 
 

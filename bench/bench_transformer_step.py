@@ -14,12 +14,22 @@ Targets (issue 2): ratio <= 1.0 at 512 px and <= 0.8 at 1024 px in bf16.
     python bench/bench_transformer_step.py --threads 1 --clock cpu   # the same work measured in CPU seconds
     python bench/bench_transformer_step.py --attention          # SDPA vs query-chunked matmul+softmax, 1024 px shape
     python bench/bench_transformer_step.py --quick              # tiny model, seconds (smoke test)
+    python bench/bench_transformer_step.py --int8 --threads 1 --clock cpu --repeats 3    # int8-dynamic vs bf16
+    python bench/bench_transformer_step.py --int8 --threads 1 --clock cpu --sizes 1024 --layers 7   # a subset
+
+--int8 (issue 21): our bf16 model and its int8-dynamic copy (pixart_core.quantize, same random weights), no diffusers.
+The two alternate step by step (A/B/A/B after one untimed call each) and the median of each is reported, so both see
+the same background load; also the weights' bytes ratio and one step's output difference to bf16. --layers N builds
+the model with N of the 28 blocks (every block has the same shape, so the ratio is the full model's minus the
+embedders' and final layer's small share).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DTYPES, FULL, TINY, best_time, machine_line, matmul_peak_gflops,  # noqa: E402
-                    ours_from_reference, print_table, reference_transformer, text_inputs)
+                    our_transformer, ours_from_reference, print_table, reference_transformer, text_inputs)
 
 
 def step_flops(shape: dict, size_px: int, batch: int, text_tokens: int) -> float:
@@ -92,6 +102,43 @@ def run_steps(shape: dict, sizes: list[int], dtypes: list[str], repeats: int, al
     return rows
 
 
+def alternating_medians(fns: list, repeats: int, clock) -> list[float]:
+    """Median time of each function, called in turn A/B/A/B... so that all see the same background load."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = clock()
+            fn()
+            ts.append(clock() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def run_int8(shape: dict, sizes: list[int], repeats: int, clock) -> list[list]:
+    """Our bf16 transformer against its int8-dynamic copy: step time, weight bytes, output difference."""
+    from pixart_core.quantize import quantize_transformer, weight_bytes
+
+    bf16 = our_transformer(shape, torch.bfloat16)
+    int8 = quantize_transformer(copy.deepcopy(bf16), "int8-dynamic")
+    bytes_ratio = weight_bytes(int8) / weight_bytes(bf16)
+    y, mask = text_inputs(2, shape["caption_channels"])
+    rows = []
+    for size in sizes:
+        x = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
+        x = x.to(torch.bfloat16).repeat(2, 1, 1, 1)
+        t, res, ar = torch.tensor([500.0] * 2), torch.tensor([[float(size)] * 2] * 2), torch.tensor([[1.0]] * 2)
+        text = bf16.prepare_text(y.to(torch.bfloat16), mask)
+        steps = [lambda m=m: m(x, t, text, resolution=res, aspect_ratio=ar) for m in (bf16, int8)]
+        with torch.no_grad():
+            ref, out = (step().float() for step in steps)  # untimed first calls (allocator, oneDNN primitives)
+            t_bf16, t_int8 = alternating_medians(steps, repeats, clock)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+        rows.append([f"{size} px", shape["num_layers"], t_bf16, t_int8, t_int8 / t_bf16, bytes_ratio, rel, cos])
+        print(f"  {size} px: bf16 {t_bf16:.2f} s, int8-dynamic {t_int8:.2f} s, ratio {t_int8 / t_bf16:.3f}",
+              flush=True)
+    return rows
+
+
 def chunked_attention(q, k, v, chunk: int):
     """Query-chunked matmul + softmax attention, one head at a time so a (chunk x tokens) score tile stays in cache:
     the fastest alternative to SDPA we found with torch ops (batched 4-D matmuls over all heads were 3-5x slower)."""
@@ -139,6 +186,8 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time; with --threads 1 it is robust to other processes on a shared CPU")
     ap.add_argument("--attention", action="store_true", help="only the attention kernel comparison")
+    ap.add_argument("--int8", action="store_true", help="our int8-dynamic against our bf16 (no diffusers)")
+    ap.add_argument("--layers", type=int, default=None, help="--int8: blocks in the model (default: all 28)")
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)  # tiny models: one thread is fastest
@@ -150,6 +199,9 @@ def main(argv=None) -> None:
     shape, sizes = (TINY, [64, 128]) if args.quick else (FULL, args.sizes)
     print(machine_line())
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.int8:
+        print_int8(dict(shape, num_layers=args.layers or shape["num_layers"]), sizes, args, clock)
+        return
     peak = matmul_peak_gflops(n=1024 if args.quick else 4096, clock=clock)
     print(f"bf16 matmul peak (4096^2, best of 5, {args.clock} clock): {peak:.0f} GFLOP/s", flush=True)
     rows = run_steps(shape, sizes, args.dtypes, 3 if args.quick else args.repeats, args.all or args.quick, clock)
@@ -159,6 +211,16 @@ def main(argv=None) -> None:
           f"{'CPU' if args.clock == 'cpu' else 'wall'} seconds, {torch.get_num_threads()} thread(s):")
     print_table(["size", "dtype", "ours s", "diffusers s", "ours/diffusers", "ours GFLOP/s",
                  "of bf16 peak", "max |diff|"], rows)
+    if args.quick:  # the smoke test covers the int8 comparison too
+        print_int8(shape, sizes, args, clock)
+
+
+def print_int8(shape: dict, sizes: list[int], args, clock) -> None:
+    rows = run_int8(shape, sizes, 3 if args.quick else args.repeats, clock)
+    print(f"\nOne transformer step, int8-dynamic vs bf16, {'tiny' if args.quick else 'XL-2 width 1152'}, CFG "
+          f"batch 2, median {args.clock} seconds, {torch.get_num_threads()} thread(s):")
+    print_table(["size", "blocks", "bf16 s", "int8-dynamic s", "time ratio", "weight bytes ratio",
+                 "output rel. diff", "cosine"], rows)
 
 
 if __name__ == "__main__":

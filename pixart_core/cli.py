@@ -23,6 +23,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def _build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
+    from .loading.t5_loading import PRECISIONS as T5_PRECISIONS
+    from .quantize import MODES as QUANTIZE_MODES
     from .step_cache import MODES as STEP_CACHE_MODES
 
     parser = argparse.ArgumentParser(prog="python -m pixart_core", description="PixArt-α/Σ/δ without ComfyUI.")
@@ -62,7 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="apply a LoRA (diffusers, PEFT or kohya .safetensors) with a strength (default 1); repeat "
                           "to stack several")
     gen.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="transformer precision")
-    gen.add_argument("--t5-precision", choices=["fp32", "bf16", "fp16", "int8", "nf4"], default="bf16")
+    gen.add_argument("--quantize", choices=list(QUANTIZE_MODES), default="none",
+                     help="8-bit transformer block weights (pixart_core.quantize): int8-dynamic is the fast one")
+    gen.add_argument("--t5-precision", choices=list(T5_PRECISIONS), default="bf16")
     gen.add_argument("--vae-dtype", choices=list(DTYPES), default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--no-progress", action="store_true")
@@ -121,6 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .loading.hub import resolve_model
     from .pipeline import PixArtPipeline
+    from .quantize import quantize_transformer
 
     if args.batch < 1:
         raise PixArtError(f"--batch must be at least 1; got {args.batch}.")
@@ -137,6 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=getattr(torch, DTYPES[args.dtype]), t5_precision=args.t5_precision,
         vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), device=args.device,
     )
+    quantize_transformer(pipe.transformer, args.quantize)
     if args.lora:
         from .loading.lora_files import load_lora
         from .lora import apply_loras

@@ -41,7 +41,7 @@ from .transformer import null_embedding_conditioning
 logger = logging.getLogger("pixart_core")
 
 UNCONDITIONAL_MODES = ("empty", "null_embedding")
-FF_OUTPUT = "DenseReluDense.wo"  # the projection kept out of fp16 and out of quantisation (T5 v1.1 overflows there)
+FF_OUTPUT = "DenseReluDense.wo"  # kept out of fp16 and of fp16/int8 activations (T5 v1.1 overflows there)
 
 
 class PromptEmbeddingCache:

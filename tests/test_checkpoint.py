@@ -341,3 +341,25 @@ def test_peak_memory_during_load(tmp_path, fmt, dtype):
     grew, weights = map(float, out.stdout.split())
     assert 50 <= (size_mb or weights * 2) and weights >= 25, (size_mb, weights)
     assert grew <= 1.3 * weights, f"load grew resident memory by {grew:.0f} MB for {weights:.0f} MB of weights"
+
+
+def test_cast_on_read_matches_a_plain_cast_with_and_without_the_file_mapping(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from pixart_core.loading import checkpoint_formats as formats
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(300, 70), "b": torch.randn(5), "c": torch.empty(0, 3), "d": torch.arange(7)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    expected = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in
+                load_file(tmp_path / "w.safetensors").items()}
+
+    def read():
+        source = formats.StateDictSource(tmp_path / "w.safetensors", files=[tmp_path / "w.safetensors"])
+        return dict(source.iter_tensors(dtype=torch.bfloat16))
+
+    mapped = read()
+    monkeypatch.setattr(formats, "_cast_from_map", lambda *a: False)  # as for data not aligned for its dtype
+    for got in (mapped, read()):
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype for k in expected)

@@ -210,3 +210,16 @@ def test_lora_option_applies_stacked_loras(tiny_pipeline, tmp_path, capsys, no_h
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, str(sdxl))
     assert cli.main(["generate", "a cat", "-o", str(tmp_path / "x.png"), *common, "--lora", str(sdxl)]) == 2
     assert "sdxl.safetensors is a Stable Diffusion / SDXL UNet LoRA" in capsys.readouterr().err
+
+
+def test_quantize_option_reaches_the_transformer(tiny_pipeline, tmp_path, capsys, no_hub, monkeypatch):
+    from pixart_core import quantize
+
+    seen = []
+    core = quantize.quantize_transformer
+    monkeypatch.setattr(quantize, "quantize_transformer", lambda model, mode: seen.append(mode) or core(model, mode))
+    code = cli.main(["generate", "a cat", "-o", str(tmp_path / "q.png"), "--model", str(tiny_pipeline), "--width",
+                     "256", "--height", "256", "--dtype", "bf16", "--t5-precision", "fp32", "--steps", "2",
+                     "--no-progress", "--quantize", "int8-dynamic"])
+    assert code == 0, capsys.readouterr().err
+    assert seen == ["int8-dynamic"] and (tmp_path / "q.png").exists()

@@ -549,3 +549,20 @@ def test_loader_fp8_precision(env, monkeypatch):
     assert module.blocks[0].attn.qkv.weight.dtype == FP8_DTYPE
     cosine = torch.nn.functional.cosine_similarity(fp8.flatten(), full.flatten(), dim=0)
     assert 0.995 < cosine and not torch.equal(fp8, full)  # test_quantize's bound (measured 0.99997)
+
+
+def test_loader_int8_dynamic_precision(env):
+    from pixart_core.quantize import Int8DynamicLinear
+
+    def latent(precision):
+        prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m")
+        prompt["1"]["inputs"]["precision"] = precision
+        executor, _ = run(prompt)
+        return executor.last_results["1"], executor.last_results["4"][0]["samples"]
+
+    (model, info), quantised = latent("int8-dynamic")
+    _, full = latent("auto")
+    assert model.module.quantization == "int8-dynamic" and "precision int8-dynamic" in info
+    assert type(model.module.blocks[0].mlp.fc1) is Int8DynamicLinear
+    cosine = torch.nn.functional.cosine_similarity(quantised.flatten(), full.flatten(), dim=0)
+    assert 0.995 < cosine and not torch.equal(quantised, full)  # test_quantize's bound

@@ -13,11 +13,13 @@ The model is built on the meta device (no random init of 4.7B parameters) and ev
 memory-mapped file, cast (or quantised) on its own and put in place, so the peak is the finished model plus one tensor.
 
 Precisions: fp32, bf16, fp16 (the feed-forward output projection `wo` stays fp32: T5 v1.1 overflows fp16 there),
-int8 (LLM.int8) and nf4 through bitsandbytes, which runs on the CPU as well as CUDA. In the quantised modes every
-linear layer but `wo` is quantised and the rest computes in bf16: transformers' own 8/4-bit loading also leaves `wo`
-unquantised (`_keep_in_fp32_modules`; its T5 forward would also mis-cast a 4-bit `wo`), and bf16 has the range that
-makes fp32 unnecessary there. (bitsandbytes' int8 matmul itself quantises its inputs from fp16; the inputs of the
-quantised layers are normalised activations, far from the fp16 limit that `wo`'s inputs reach.)
+int8 (LLM.int8) and nf4 through bitsandbytes, which runs on the CPU as well as CUDA; everything not quantised and the
+activations are bf16. In "int8" and "nf4" `wo` is quantised too, weight-only: nf4 through bitsandbytes' Linear4bit
+(which computes in bf16), int8 as int8 weights converted to bf16 block by block in the matmul
+(quantize.Int8WeightLinear). Not bitsandbytes' int8 matmul: it computes in fp16, and T5 v1.1's feed-forward output
+overflows fp16 - the reason transformers keeps `wo` in fp32 (`_keep_in_fp32_modules`) and out of its own 8/4-bit
+loading. "int8-wo-bf16" / "nf4-wo-bf16" are the earlier variants with `wo` in bf16 (~2 GB more for XXL), kept for
+comparison and as the safe fallback (nf4 loses a little accuracy with `wo` in 4 bits; docs/t5.md).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ import torch
 from torch import nn
 
 from ..errors import PixArtError
+from ..memory import return_freed_memory
 from ..text_encoder import FF_OUTPUT, PromptEmbeddingCache, T5TextEncoder
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4")
-QUANTISED = ("int8", "nf4")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "int8-wo-bf16", "nf4-wo-bf16")
+QUANTISED = ("int8", "nf4", "int8-wo-bf16", "nf4-wo-bf16")
 # dtype of everything that is not quantised (and of the activations) for each precision
 COMPUTE_DTYPE = {
     "fp32": torch.float32,
@@ -44,6 +47,8 @@ COMPUTE_DTYPE = {
     "fp16": torch.float16,
     "int8": torch.bfloat16,
     "nf4": torch.bfloat16,
+    "int8-wo-bf16": torch.bfloat16,
+    "nf4-wo-bf16": torch.bfloat16,
 }
 
 _EMBEDDING = "shared.weight"
@@ -303,7 +308,8 @@ def build_t5_encoder(config, tensor_for, precision: str, device: str | torch.dev
         module_name, leaf = name.rsplit(".", 1)
         module = model.get_submodule(module_name)
         is_ff_output = module_name.endswith(FF_OUTPUT)
-        quantise = precision in QUANTISED and isinstance(module, nn.Linear) and not is_ff_output
+        quantise = (precision in QUANTISED and isinstance(module, nn.Linear)
+                    and not (is_ff_output and precision.endswith("-wo-bf16")))
         dtype = torch.float32 if (precision == "fp16" and is_ff_output) else compute
         tensor = tensor_for(name, tuple(param.shape), dtype)
         if tuple(tensor.shape) != tuple(param.shape):
@@ -312,11 +318,15 @@ def build_t5_encoder(config, tensor_for, precision: str, device: str | torch.dev
                 "the config.json does not belong to these weights."
             )
         if quantise:
-            _set_submodule(model, module_name, _quantised_linear(tensor.to(compute), precision, device))
+            kind = precision.split("-")[0]
+            make = _weight_only_ff_output if is_ff_output else _quantised_linear
+            quantised = make(tensor.to(compute), kind, device)
+            _set_submodule(model, module_name, quantised)
         else:
             module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
         del tensor
     model.encoder.embed_tokens.weight = model.shared.weight  # re-tie: assignment above replaced the shared Parameter
+    return_freed_memory()  # glibc keeps the freed temporaries of quantising (and of casting) mapped otherwise
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise PixArtError(f"T5 weights are incomplete; missing {left[:5]}.")
@@ -340,6 +350,29 @@ def _quantised_linear(weight: torch.Tensor, precision: str, device: torch.device
         )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=layer).to(device)
     return layer
+
+
+class _UncastFFOutput(nn.Module):
+    """A 4-bit `wo` behind a module without a `weight` tensor: transformers' T5 casts wo's input to `wo.weight.dtype`
+    (uint8 for 4-bit storage) unless that is int8 or not a tensor."""
+
+    weight = None
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _weight_only_ff_output(weight: torch.Tensor, kind: str, device: torch.device) -> nn.Module:
+    """`wo` quantised with bf16 activations (no fp16 anywhere): int8 weight-only, or nf4."""
+    if kind == "nf4":
+        return _UncastFFOutput(_quantised_linear(weight, kind, device))
+    from ..quantize import Int8WeightLinear
+
+    return Int8WeightLinear(weight.to(device), None, COMPUTE_DTYPE[kind])
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
