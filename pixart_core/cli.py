@@ -125,7 +125,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .loading.hub import resolve_model
     from .pipeline import PixArtPipeline
-    from .quantize import quantize_transformer
 
     if args.batch < 1:
         raise PixArtError(f"--batch must be at least 1; got {args.batch}.")
@@ -140,9 +139,8 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = PixArtPipeline.from_paths(
         model, transformer=args.transformer, t5=args.t5, vae=args.vae,
         dtype=getattr(torch, DTYPES[args.dtype]), t5_precision=args.t5_precision,
-        vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), device=args.device,
+        vae_dtype=getattr(torch, DTYPES[args.vae_dtype]), device=args.device, weights=args.quantize,
     )
-    quantize_transformer(pipe.transformer, args.quantize)
     if args.lora:
         from .loading.lora_files import load_lora
         from .lora import apply_loras

@@ -332,10 +332,12 @@ class PixArtPipeline:
         t5_precision: str = "bf16",
         vae_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        weights: str = "none",
     ) -> "PixArtPipeline":
         """Load the three parts. `model` is a diffusers pipeline folder providing whatever is not given separately
         ("nano" and "official" name the bundled and the official pipeline, hub.resolve_model); with neither, the
-        official PixArt-LCM-XL-2-1024-MS pipeline from the Hugging Face cache, else the bundled PixArt-nano."""
+        official PixArt-LCM-XL-2-1024-MS pipeline from the Hugging Face cache, else the bundled PixArt-nano.
+        weights: the transformer's block weights ("none" or an 8-bit mode of quantize.MODES), as load_transformer."""
         from .loading.hub import resolve_model
 
         # before importing the loaders: a failure to find the model should be quick
@@ -346,7 +348,7 @@ class PixArtPipeline:
         transformer = transformer or model
         t5 = t5 or model
         vae = vae or Path(model) / "vae"
-        tr = load_transformer(transformer, dtype=dtype, device=device)
+        tr = load_transformer(transformer, dtype=dtype, device=device, weights=weights)
         # outside ComfyUI nothing else keeps encoded prompts: a repeated prompt skips T5
         encoder = load_t5(t5, precision=t5_precision, device=device, cache=PromptEmbeddingCache())
         return cls(tr, encoder, _load_vae(vae, tr.config.latent_scale, vae_dtype, device))

@@ -213,11 +213,11 @@ def test_lora_option_applies_stacked_loras(tiny_pipeline, tmp_path, capsys, no_h
 
 
 def test_quantize_option_reaches_the_transformer(tiny_pipeline, tmp_path, capsys, no_hub, monkeypatch):
-    from pixart_core import quantize
+    from pixart_core.loading import checkpoint
 
     seen = []
-    core = quantize.quantize_transformer
-    monkeypatch.setattr(quantize, "quantize_transformer", lambda model, mode: seen.append(mode) or core(model, mode))
+    core = checkpoint.quantize_transformer  # the one load call quantises (load_transformer(weights=...))
+    monkeypatch.setattr(checkpoint, "quantize_transformer", lambda model, mode: seen.append(mode) or core(model, mode))
     code = cli.main(["generate", "a cat", "-o", str(tmp_path / "q.png"), "--model", str(tiny_pipeline), "--width",
                      "256", "--height", "256", "--dtype", "bf16", "--t5-precision", "fp32", "--steps", "2",
                      "--no-progress", "--quantize", "int8-dynamic"])
