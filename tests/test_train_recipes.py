@@ -357,3 +357,37 @@ def test_text_pretraining_loss_falls_and_encoder_is_a_t5_encoder(tokenizer, tmp_
     embeds, mask = load_t5(tmp_path, precision="fp32").encode(["above a blue square there is a red circle"], 120)
     n = int(mask.sum())
     assert n == ids.shape[1] and (embeds[0, :n] - ref[0]).abs().max() < 1e-5
+
+
+def test_pixel_x0_loss_option(tokenizer, pool):
+    """pretrain's pixel_weight: the decoded x0 estimate is compared with the decoded target, weighted by ᾱ_t; an exact
+    v (or ε) prediction gives 0, the VAE stays frozen, and the transformer still learns with it."""
+    from train.losses import pixel_x0_loss
+    from train.pretrain import _pixel_loss
+
+    torch.manual_seed(0)
+    vae = common.build_vae(0).eval()
+    sched = TrainSchedule()
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 999])
+    xt = sched.add_noise(x0, noise, t)
+    cfg = PretrainConfig(pixel_weight=1.0, pixel_batch=2, prediction="v")
+    exact_v = torch.cat([sched.v_target(x0, noise, t), torch.zeros_like(x0)], dim=1)
+    assert _pixel_loss(vae, 0.18215, exact_v, x0, xt, t, sched, cfg).item() < 1e-8
+    cfg_eps = PretrainConfig(pixel_weight=1.0, pixel_batch=2, prediction="epsilon")
+    exact_eps = torch.cat([noise, torch.zeros_like(x0)], dim=1)
+    assert _pixel_loss(vae, 0.18215, exact_eps, x0, xt, t, sched, cfg_eps).item() < 1e-6
+    # ᾱ_999 = 4e-5: a wrong estimate at the highest noise costs almost nothing, at t = 10 it costs fully
+    wrong = x0 + 1.0
+    low, high = (pixel_x0_loss(vae, 0.18215, wrong[i:i + 1], x0[i:i + 1], t[i:i + 1], sched).item() for i in (0, 1))
+    assert high < 1e-3 * low
+
+    _, tok = tokenizer
+    t5 = common.build_t5(len(tok), 1, d_model=T5_WIDTH)
+    with pytest.raises(ValueError, match="decoder"):
+        pretrain(_tiny_model(1), t5, tok, pool[0], cfg, log_every=0)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    res = pretrain(_tiny_model(1), t5, tok, pool[0], PretrainConfig(steps=25, batch_size=16, lr=2e-3, warmup=5,
+                   prediction="v", pixel_weight=1.0, pixel_batch=4), log_every=0, decoder=vae)
+    assert _falls(res.losses)
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())

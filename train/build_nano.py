@@ -127,6 +127,13 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     save_pipeline(out / LCM_DIR, lres.student, t5, tok_dir, vae, scheduler="lcm")
 
     # 6. ControlNet on edge maps of scenes placed anywhere (plus ordinary scenes), captions in varied phrasings
+    cres = train_controlnet_stage(teacher, t5, tokenizer, vae, seed, pool_size, _steps(500, scale), log)
+    save_controlnet(cres.controlnet, out / CONTROLNET_FILE)
+    return facts
+
+
+def train_controlnet_stage(teacher, t5, tokenizer, vae, seed: int, pool_size: int, steps: int, log: Logger):
+    """Step 6: the ControlNet on edge maps of scenes placed anywhere (60 %) and ordinary scenes, varied phrasings."""
     rng = np.random.default_rng(seed + 20)
     cscenes = [data.random_single(rng, free_placement=True) if rng.random() < 0.6 else data.random_scene(rng)
                for _ in range(pool_size // 2)]
@@ -137,11 +144,9 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     edges, _ = data.batch(cscenes, edges=True)
     scale_f = vae.config.scaling_factor
     hpool = HintPool(encode_pool(vae, cimages, ccaptions, scale_f), encode_pool(vae, edges, ccaptions, scale_f))
-    cres = train_controlnet(teacher, t5, tokenizer, hpool, ControlNetTrainConfig(steps=_steps(500, scale), seed=seed),
-                            log=log)
+    cres = train_controlnet(teacher, t5, tokenizer, hpool, ControlNetTrainConfig(steps=steps, seed=seed), log=log)
     log(f"ControlNet training done in {cres.seconds:.0f}s")
-    save_controlnet(cres.controlnet, out / CONTROLNET_FILE)
-    return facts
+    return cres
 
 
 def _load_vae(folder: Path, latent_scale: float, log: Logger):
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     start = time.time()
     if args.eval_only:  # keep what the build recorded: its training time and what it measured while training
         recorded = json.loads((out / "scores.json").read_text()) if (out / "scores.json").is_file() else {}
-        facts = {k: recorded[k] for k in ("text_pretraining", "text_encoder_probe") if k in recorded}
+        facts = {k: recorded[k] for k in ("text_pretraining", "text_encoder_probe", "train_note") if k in recorded}
         train_seconds = recorded.get("train_seconds")
     else:
         facts = train_all(out, args.scale, args.seed, log, args.pool)

@@ -37,7 +37,7 @@ from torch import nn
 from pixart_core.config import EPSILON, V_PREDICTION
 from pixart_core.transformer import PixArtTransformer
 from .common import EMA, LatentPool, TrainSchedule, drop_captions, encode_text, warmup_lr
-from .losses import diffusion_loss
+from .losses import diffusion_loss, pixel_x0_loss
 
 
 @dataclass
@@ -54,6 +54,10 @@ class PretrainConfig:
     # ε-MSE weighted by min(1/ᾱ_t, cap) (losses.high_noise_weights); 0 = PixArt's plain ε-MSE
     high_noise_weight_cap: float = 0.0
     train_text_encoder: bool = True
+    # > 0: add losses.pixel_x0_loss (x0 estimate decoded by the frozen VAE, MSE in pixels) on the first
+    # pixel_batch samples of each batch; needs pretrain(..., decoder=vae). 0 = PixArt's latent loss only
+    pixel_weight: float = 0.0
+    pixel_batch: int = 16
     seed: int = 0
 
 
@@ -66,7 +70,12 @@ class PretrainResult:
 
 
 def pretrain(model: PixArtTransformer, t5: nn.Module, tokenizer, pool: LatentPool, cfg: PretrainConfig,
-             log: Callable[[str], None] = print, log_every: int = 100) -> PretrainResult:
+             log: Callable[[str], None] = print, log_every: int = 100, decoder=None) -> PretrainResult:
+    """decoder: the frozen VAE (diffusers AutoencoderKL), only for cfg.pixel_weight > 0."""
+    if cfg.pixel_weight > 0 and decoder is None:
+        raise ValueError("pixel_weight > 0 needs the VAE: pretrain(..., decoder=vae)")
+    if decoder is not None:
+        decoder.eval().requires_grad_(False)
     sched = TrainSchedule()
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train().requires_grad_(True)
@@ -96,6 +105,10 @@ def pretrain(model: PixArtTransformer, t5: nn.Module, tokenizer, pool: LatentPoo
         out = model(xt, t.float(), model.prepare_text(text.embeds, text.mask))
         loss, parts = diffusion_loss(out, x0, xt, noise, t, sched, cfg.prediction, cfg.learned_sigma,
                                      cfg.high_noise_weight_cap)
+        if cfg.pixel_weight > 0:
+            pixel = _pixel_loss(decoder, pool.scale, out, x0, xt, t, sched, cfg)
+            loss = loss + cfg.pixel_weight * pixel
+            parts["pixel"] = float(pixel.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -108,11 +121,24 @@ def pretrain(model: PixArtTransformer, t5: nn.Module, tokenizer, pool: LatentPoo
         result.losses.append(parts["mse"])
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
             log(f"pretrain step {step}/{cfg.steps} mse {np.mean(result.losses[-log_every:]):.4f} "
-                f"vb {parts.get('vb', 0):.4f} ({time.time() - start:.0f}s)")
+                f"vb {parts.get('vb', 0):.4f} pixel {parts.get('pixel', 0):.4f} ({time.time() - start:.0f}s)")
     model.eval().requires_grad_(False)
     t5.eval().requires_grad_(False)
     result.seconds = time.time() - start
     return result
+
+
+def _pixel_loss(decoder, scale, out, x0, xt, t, sched: TrainSchedule, cfg: PretrainConfig) -> torch.Tensor:
+    """losses.pixel_x0_loss on the first cfg.pixel_batch samples (the decoder costs as much as the transformer)."""
+    n = cfg.pixel_batch
+    c = x0.shape[1]
+    pred = out[:n, :c]
+    if cfg.prediction == "v":
+        x0_pred = sched.at(sched.alphas_cumprod, t[:n]).sqrt() * xt[:n] \
+            - (1 - sched.at(sched.alphas_cumprod, t[:n])).sqrt() * pred
+    else:
+        x0_pred = sched.x0_from_eps(xt[:n], pred, t[:n])
+    return pixel_x0_loss(decoder, scale, x0_pred, x0[:n], t[:n], sched)
 
 
 class VPredictionAsEpsilon(nn.Module):
