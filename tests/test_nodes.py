@@ -523,6 +523,14 @@ def test_sampler_step_cache_input_reaches_the_core(env, monkeypatch):
     assert "delta-dit" in err.value.messages()[0]
 
 
+def _loader_and_latent(precision: str):
+    """Text-to-image with the α tiny model loaded at `precision`: the loader's (model, info) and the sampled latent."""
+    prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m")
+    prompt["1"]["inputs"]["precision"] = precision
+    executor, _ = run(prompt)
+    return executor.last_results["1"], executor.last_results["4"][0]["samples"]
+
+
 def test_loader_fp8_precision(env, monkeypatch):
     from pixart_core.loading import checkpoint
     from pixart_core.quantize import FP8_DTYPE, Fp8Linear
@@ -535,14 +543,8 @@ def test_loader_fp8_precision(env, monkeypatch):
     if FP8_DTYPE is None:
         pytest.skip("this torch build has no float8_e4m3fn")
 
-    def latent(precision):
-        prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m")
-        prompt["1"]["inputs"]["precision"] = precision
-        executor, _ = run(prompt)
-        return executor.last_results["1"], executor.last_results["4"][0]["samples"]
-
-    (model, info), fp8 = latent("fp8")
-    _, full = latent("auto")
+    (model, info), fp8 = _loader_and_latent("fp8")
+    _, full = _loader_and_latent("auto")
     module = model.module
     assert module.quantization == "fp8" and "precision fp8" in info
     assert any(isinstance(m, Fp8Linear) for m in module.blocks.modules())
@@ -554,14 +556,8 @@ def test_loader_fp8_precision(env, monkeypatch):
 def test_loader_int8_dynamic_precision(env):
     from pixart_core.quantize import Int8DynamicLinear
 
-    def latent(precision):
-        prompt = text_to_image(model=FILES["alpha"], sampler="dpmpp_2m")
-        prompt["1"]["inputs"]["precision"] = precision
-        executor, _ = run(prompt)
-        return executor.last_results["1"], executor.last_results["4"][0]["samples"]
-
-    (model, info), quantised = latent("int8-dynamic")
-    _, full = latent("auto")
+    (model, info), quantised = _loader_and_latent("int8-dynamic")
+    _, full = _loader_and_latent("auto")
     assert model.module.quantization == "int8-dynamic" and "precision int8-dynamic" in info
     assert type(model.module.blocks[0].mlp.fc1) is Int8DynamicLinear
     cosine = torch.nn.functional.cosine_similarity(quantised.flatten(), full.flatten(), dim=0)
