@@ -16,6 +16,8 @@ match this checkout, so the code under test is the working tree's). Then:
   message in /history;
 - Cancel (POST /interrupt) during a long sampler run stops it within one model evaluation, and the next queued
   prompt still runs;
+- ComfyUI's own custom-node loader imports the pack and the nano workflow runs through ComfyUI's model management,
+  and no function or class of comfy.*, folder_paths, latent_preview, nodes, execution or node_helpers is replaced;
 - with Debian's Chromium and the playwright Python driver, the page is opened, each UI workflow is loaded with
   app.loadGraphData as a file drop would: no missing-node dialog, no console errors from this pack, graphToPrompt
   gives exactly the API twin, Run (the queue button) produces the image. Screenshots of every loaded workflow and
@@ -99,10 +101,16 @@ def _pack_files(folder: Path) -> dict[str, str]:
 
 
 def installed_pack(comfy_dir: Path) -> Path | None:
-    """This pack as installed under ComfyUI's custom_nodes/ (README's install section), if it is."""
+    """This pack as installed under ComfyUI's custom_nodes/ (README's install section), if it is; an installed copy
+    must be this checkout's code (the code under test is the working tree's)."""
     for candidate in sorted((comfy_dir / "custom_nodes").glob("*/pyproject.toml")):
         if 'name = "comfyui-pixart-delta"' in candidate.read_text(errors="replace"):
-            return candidate.parent
+            pack = candidate.parent
+            ours, theirs = _pack_files(ROOT), _pack_files(pack)
+            stale = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            assert not stale, (f"{pack} is not this checkout ({len(stale)} files differ, e.g. {stale[:5]}); "
+                               "reinstall it with: bash .ci/comfyui_env.sh")
+            return pack
     return None
 
 
@@ -120,11 +128,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("real_comfyui")
     models = harness.write_tiny_models(base / "models")
     pack = installed_pack(comfy_dir)
-    if pack is not None:  # installed as users install it: it must be this checkout's code
-        ours, theirs = _pack_files(ROOT), _pack_files(pack)
-        stale = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        assert not stale, (f"{pack} is not this checkout ({len(stale)} files differ, e.g. {stale[:5]}); "
-                           "reinstall it with: bash .ci/comfyui_env.sh")
+    if pack is not None:
         custom_nodes_line = ""
     else:  # a plain ComfyUI: link this checkout in through the config
         custom_nodes = base / "custom_nodes"
@@ -650,3 +654,74 @@ def _browse(spec_path: str) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "browse":
     _browse(sys.argv[2])
+
+
+# ------------------------------------------------------------------------------------------------ comfy.* untouched
+UNTOUCHED_SCRIPT = r"""
+import asyncio, importlib.util, json, sys
+from pathlib import Path
+pack, harness_file, prompt_file = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+sys.path.insert(0, ".")  # the ComfyUI folder (cwd), as main.py runs
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.argv = ["main.py", "--cpu"]  # ComfyUI's own argument parser, as the server is started
+import torch
+torch.set_num_threads(1)
+import folder_paths, latent_preview, nodes  # noqa: E401  (nodes imports comfy.* as the server does)
+import comfy.model_management, comfy.model_patcher, comfy.utils, comfy.latent_formats  # noqa: E401
+
+OWNED = ("comfy", "folder_paths", "latent_preview", "nodes", "execution", "node_helpers")
+
+def snapshot():
+    # id() of every function and class in ComfyUI's modules, and of every function on those classes
+    out = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] not in OWNED:
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value):
+                out[f"{name}.{attr}"] = id(value)
+            if isinstance(value, type) and value.__module__ == name:
+                out.update({f"{name}.{attr}.{k}": id(v) for k, v in vars(value).items() if callable(v)})
+    return out
+
+before = snapshot()
+loaded = asyncio.run(nodes.load_custom_node(str(pack)))  # how ComfyUI imports a custom node folder
+assert loaded, "ComfyUI could not import the pack"
+assert "PixArtDeltaLCMSampler" in nodes.NODE_CLASS_MAPPINGS
+spec = importlib.util.spec_from_file_location("pixart_test_harness", harness_file)
+harness = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(harness)
+harness.Directories.output = harness.Directories.temp = folder_paths.get_temp_directory()
+prompt = json.loads(prompt_file.read_text())
+executor = harness.Executor(nodes.NODE_CLASS_MAPPINGS)  # kept: its results hold the models ComfyUI manages
+outputs = executor.run(prompt)
+after = snapshot()
+changed = sorted(k for k in before if after.get(k) != before[k])
+print(json.dumps({"changed": changed, "images": sum(len(o.get("images", [])) for o in outputs.values()),
+                  "loaded": len(comfy.model_management.current_loaded_models), "checked": len(before)}))
+"""
+
+
+def test_importing_and_running_the_pack_leaves_real_comfyui_untouched(tmp_path):
+    """tests/test_comfy_untouched.py against the real ComfyUI modules: ComfyUI's own loader imports the pack, the nano
+    workflow runs through ComfyUI's model management, and no function or class of comfy.*, folder_paths,
+    latent_preview, nodes, execution or node_helpers has been replaced."""
+    from tests.test_workflows import shrink
+
+    require(bool(COMFY_DIR), "PIXART_COMFYUI_DIR is not set (a ComfyUI folder)")
+    comfy_dir = Path(COMFY_DIR)
+    require((comfy_dir / "main.py").is_file(), f"no ComfyUI at PIXART_COMFYUI_DIR={COMFY_DIR} (main.py missing)")
+    python = os.environ.get("PIXART_COMFYUI_PYTHON", sys.executable)
+    prompt_file = tmp_path / "prompt.json"
+    api = json.loads((ROOT / "workflows" / "api" / "pixart_nano_lcm.json").read_text())
+    prompt_file.write_text(json.dumps(shrink(api)))
+    done = subprocess.run([python, "-c", UNTOUCHED_SCRIPT, str(installed_pack(comfy_dir) or ROOT),
+                           str(ROOT / "tests" / "comfy_harness.py"), str(prompt_file)],
+                          cwd=comfy_dir, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["checked"] > 1000, result  # ComfyUI's modules were really there to compare
+    assert result["changed"] == [], result["changed"]
+    assert result["images"] > 0 and result["loaded"] > 0  # it ran, through ComfyUI's model management
