@@ -150,8 +150,8 @@ RUNS = {  # name: (model, sampler, steps, guidance)
 
 def main(argv=None) -> int:
     from pixart_core.loading.checkpoint import load_transformer
-    from pixart_core.text_encoder import load_t5
-    from pixart_core.vae import load_vae
+    from pixart_core.loading.t5_loading import load_t5
+    from pixart_core.loading.vae_files import load_vae
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=str(NANO_DIR))
