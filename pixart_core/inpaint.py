@@ -79,9 +79,8 @@ def pixel_mask(mask, image: Optional[torch.Tensor], width: int, height: int) -> 
 
 
 def _level(schedule: DiscreteSchedule, t: float) -> tuple[float, float]:
-    """(α_t, σ_t) of the VP latent at timestep t, by samplers.noisy_start's rule (so the kept region is noised
-    exactly like the starting latent)."""
-    a = schedule.alpha_bar(t) if float(t).is_integer() else 1.0 / (1.0 + schedule.sigma(t) ** 2)
+    """(α_t, σ_t) of the VP latent at timestep t, as noisy_start noises the starting latent."""
+    a = schedule.noise_level(t)
     return math.sqrt(a), math.sqrt(1.0 - a)
 
 

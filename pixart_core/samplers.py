@@ -67,8 +67,7 @@ def noisy_start(schedule: DiscreteSchedule, t: float, noise: torch.Tensor,
     `add_noise`: sqrt(ᾱ_t)·latent + sqrt(1-ᾱ_t)·noise)."""
     if latent is None:
         return noise
-    # ᾱ at integer t (diffusers' add_noise); Euler's fractional first timestep uses 1/(1+σ²), the same thing.
-    a = schedule.alpha_bar(t) if float(t).is_integer() else 1.0 / (1.0 + schedule.sigma(t) ** 2)
+    a = schedule.noise_level(t)
     return math.sqrt(a) * latent + math.sqrt(1.0 - a) * noise
 
 

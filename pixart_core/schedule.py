@@ -74,6 +74,10 @@ class DiscreteSchedule:
         w = t - lo
         return float((1 - w) * sigmas[lo] + w * sigmas[hi])
 
+    def noise_level(self, t: float) -> float:
+        """ᾱ of the latent at timestep t as the samplers noise one: ᾱ_t at integer t (diffusers' add_noise), 1/(1+σ²)
+        at a fractional t (Euler's first timestep), the same thing where both are defined."""
+        return self.alpha_bar(t) if float(t).is_integer() else 1.0 / (1.0 + self.sigma(t) ** 2)
 
     def eps_from_v(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε from a v-prediction (v = α_t·ε - σ_t·x0 in VP terms): ε = α_t·v + σ_t·x_t, with α_t = 1/sqrt(1+σ²) and
