@@ -36,11 +36,7 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
-        w = weight.detach()
-        scale = _row_scales(w, FP8_MAX)
-        q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-        for r in range(0, w.shape[0], 512):  # row blocks: no full-size fp32 temporary
-            q[r:r + 512] = (w[r:r + 512].float() / scale[r:r + 512]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        q, scale = _quantize_rows(weight.detach(), FP8_MAX, FP8_DTYPE)
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
@@ -57,9 +53,17 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
 
 
-def _row_scales(w: torch.Tensor, qmax: float) -> torch.Tensor:
-    """One fp32 scale per output row: the row's largest magnitude maps to qmax."""
-    return w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / qmax
+def _quantize_rows(w: torch.Tensor, qmax: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / scale in `dtype`, scale): one fp32 scale per output row, the row's largest magnitude mapping to qmax;
+    rounded to the nearest integer for an integer dtype. In row blocks: no full-size fp32 temporary."""
+    scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / qmax
+    q = torch.empty(w.shape, dtype=dtype, device=w.device)
+    for r in range(0, w.shape[0], 512):
+        block = w[r:r + 512].float() / scale[r:r + 512]
+        if not dtype.is_floating_point:
+            block.round_()
+        q[r:r + 512] = block.clamp_(-qmax, qmax).to(dtype)
+    return q, scale
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,11 +100,7 @@ class Int8WeightLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
-        w = weight.detach()
-        scale = _row_scales(w, 127.0)
-        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-        for r in range(0, w.shape[0], 512):  # row blocks: no full-size fp32 temporary
-            q[r:r + 512] = (w[r:r + 512].float() / scale[r:r + 512]).round_().clamp_(-127, 127).to(torch.int8)
+        q, scale = _quantize_rows(weight.detach(), 127.0, torch.int8)
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale.view(-1))
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))

@@ -384,12 +384,13 @@ def load_t5_model(source: T5Source, precision: str, device: str | torch.device =
     """Read the weights of `source` into a T5EncoderModel at `precision` on `device`."""
     if precision in QUANTISED:
         _require_bitsandbytes(precision)
-    if source.weight_files[0].suffix.lower() == ".gguf":  # llama.cpp's names and quantisations (gguf imported here)
+    gguf = source.weight_files[0].suffix.lower() == ".gguf"
+    if gguf:  # llama.cpp's names and quantisations (gguf imported here); the config comes from its metadata
         from .t5_gguf import GGUFTensorReader as reader_type
     else:
         reader_type = TensorReader
     with reader_type.open(source.weight_files) as reader:
-        config = reader.config if reader_type is not TensorReader else read_t5_config(source, reader)
+        config = reader.config if gguf else read_t5_config(source, reader)
 
         def from_file(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             if name not in reader:
@@ -439,9 +440,11 @@ def load_t5(
     tokenizer_fallbacks: Sequence[str | Path] = (),
     cache: PromptEmbeddingCache | None = None,
 ) -> T5TextEncoder:
-    """Load a T5 encoder from a diffusers pipeline folder, a Hugging Face folder or a single .safetensors file.
+    """Load a T5 encoder from a diffusers pipeline folder, a Hugging Face folder, a single .safetensors file or a
+    .gguf file.
 
-    precision: "fp32", "bf16", "fp16" (wo kept fp32), "int8" or "nf4" (bitsandbytes; CPU or CUDA).
+    precision: one of PRECISIONS: "fp32", "bf16", "fp16" (wo kept fp32), "int8" or "nf4" (wo quantised too), or
+    "int8-wo-bf16" / "nf4-wo-bf16" (wo in bf16); the 8/4-bit ones through bitsandbytes, on the CPU or CUDA.
     Tokenizer: `tokenizer_path` if given, else the folder's tokenizer (tokenizer/ or the folder itself), else the
     first of `tokenizer_fallbacks` that holds one (the ComfyUI node passes ComfyUI's bundled t5_tokenizer folder).
     cache: keep encoded prompts there (see PromptEmbeddingCache); None keeps nothing.
