@@ -15,7 +15,8 @@ from train.controlnet_train import ControlNetTrainConfig, HintPool, controlnet_f
 from train.lcm_distill import LCMConfig, boundary_scalings, lcm_distill
 from train.pretrain import PretrainConfig, VPredictionAsEpsilon, pretrain
 from train.tokenizer import build_tokenizer, load_hf_tokenizer, save_tokenizer
-from train.vae_train import VAETrainConfig, rescale_latents, train_vae
+from train.vae_train import (VAETrainConfig, _shape_triplets, rescale_latents, shape_separation_loss,
+                              train_vae)
 from pixart_core.transformer import PixArtTransformer
 
 T5_WIDTH = 32
@@ -111,6 +112,56 @@ def test_tokenizer_loads_through_the_project_t5_path(tokenizer):
 def test_vae_recipe_loss_falls():
     result = train_vae(VAETrainConfig(steps=10, batch_size=4, lr=3e-3, warmup=2, rescale_samples=8), log_every=0)
     assert _falls(result.losses, 3)
+
+
+def test_shape_separation_hinge():
+    """The triplets are one object in three shapes (same colour and box) and the background; the hinge is the margin
+    per shape pair when the latents cannot tell shapes apart, 0 once they are far enough apart, and its gradient
+    moves the shapes apart, never the object towards the background (the object's energy is detached)."""
+    images = _shape_triplets(np.random.default_rng(0), 2)
+    assert images.shape == (7, 3, 64, 64)
+    background = images[-1]
+    assert torch.all(background == background[:, :1, :1])  # the empty scene
+    circle, square, triangle = images[0:3]
+    assert (circle - square).abs().max() > 0.5 and (circle - triangle).abs().max() > 0.5
+
+    def fill(img):  # the colour of the pixel farthest from the background: inside the object
+        return img.flatten(1)[:, (img - background).abs().sum(dim=0).flatten().argmax()]
+
+    assert torch.allclose(fill(square), fill(circle)) and torch.allclose(fill(triangle), fill(circle))
+    empty = torch.zeros(1, 4, 8, 8)
+    blob = torch.ones(2, 4, 8, 8)
+    same = torch.cat([blob[0:1]] * 3 + [blob[1:2]] * 3 + [empty])
+    loss = shape_separation_loss(same, margin=0.25)
+    assert loss.item() == pytest.approx(3 * 0.25)
+    apart = torch.cat([blob[:1], -blob[:1], 3 * blob[:1], blob[:1], -blob[:1], 3 * blob[:1], empty])
+    assert shape_separation_loss(apart, margin=0.25).item() == 0.0
+    near = apart.clone()
+    near[1] = near[0] + 0.1  # circle and square of the first object nearly equal: ratio 0.01
+    near.requires_grad_(True)
+    loss = shape_separation_loss(near, margin=0.25)
+    assert loss.item() == pytest.approx((0.25 - 0.01) / 2, rel=1e-4)
+    loss.backward()
+    # square = circle + 0.1: descent (minus the gradient) moves the square up and the circle down, apart
+    assert torch.all(near.grad[1] < 0) and torch.all(near.grad[0] > 0)
+    assert near.grad[-1].abs().max() == 0  # the background gets no push: the object's energy is detached
+    # measured in the standardised latent: a channel scaled up by its std counts as before
+    one_channel = apart.clone()
+    one_channel[1] = one_channel[0]
+    one_channel[1, 1] += 0.3  # square = circle except in channel 1: ratio 0.09 / 4
+    std = torch.tensor([1.0, 4.0, 0.5, 2.0])
+    stretched = one_channel * std.view(1, -1, 1, 1)
+    plain = shape_separation_loss(one_channel, 0.25).item()
+    assert plain == pytest.approx((0.25 - 0.09 / 4) / 2, rel=1e-4)
+    assert shape_separation_loss(stretched, 0.25, std).item() == pytest.approx(plain, rel=1e-5)
+    assert shape_separation_loss(stretched, 0.25).item() < plain - 0.01  # unstandardised, channel 1 counts 16x
+
+
+def test_cosine_lr():
+    assert common.cosine_lr(1.0, 0, 100, 0.1) == 1.0
+    assert common.cosine_lr(1.0, 50, 100, 0.1) == pytest.approx(0.55)
+    assert common.cosine_lr(1.0, 100, 100, 0.1) == pytest.approx(0.1)
+    assert all(common.cosine_lr(2e-3, s, 100, 1.0) == 2e-3 for s in range(100))
 
 
 def test_vae_rescale_standardises_each_channel_exactly():

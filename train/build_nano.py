@@ -5,9 +5,10 @@ Trains, in order, with the recipes of this package and nothing pre-trained:
   2. the tiny T5 as a text-to-text model (caption in any phrasing -> canonical scene description, text_pretrain.py),
      whose encoder is then frozen, as PixArt's T5 is; a linear probe checks that its colour tokens carry their
      object's place (scores.json "text_encoder_probe");
-  3. the VAE (diffusers AutoencoderKL, 8x down, 4 latent channels) on nano scenes and edge maps;
+  3. the VAE (diffusers AutoencoderKL, 8x down, 4 latent channels) on nano scenes and edge maps, with a hinge that
+     keeps the three shapes of one object apart in its latent (vae_train.shape_separation_loss);
   4. the transformer (PixArt-α shaped, 64x64 px) with the PixArt objective in v-prediction, on the frozen T5
-     encoder's states, with captions in varied phrasings (data.phrasings);
+     encoder's states, with captions in varied phrasings (data.phrasings), learning rate decayed (cosine) to 0.1;
   5. the LCM student (PixArt-δ consistency distillation, 4-step sampling without CFG; a v model like its teacher);
   6. the ControlNet-Transformer on edge maps, on the frozen base;
 then writes them in the loaders' layouts, reloads them through the project's loaders and scores them with the caption
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from pixart_core.loading.bundled import BASE_FILE, CONTROLNET_FILE, LCM_DIR, NANO_DIR
-from . import caption_checker, data
+from . import caption_checker, data, shape_report
 from .common import encode_pool, init_pixart_weights, nano_transformer_config
 from .controlnet_train import ControlNetTrainConfig, HintPool, train_controlnet
 from .evaluate import control_scenes, controlnet_iou, decode, encode, guard_scores, save_grid, score_model
@@ -50,6 +51,10 @@ from .vae_train import VAETrainConfig, train_vae
 # The files record it (the LCM pipeline's scheduler config, the teacher's safetensors metadata) and the loaders read
 # it back into config.prediction_type.
 PREDICTION = "v"
+# Step counts at --scale 1 and the recipe's choices that differ from the configs' defaults (build 7 on).
+TEXT_STEPS, VAE_STEPS, PRETRAIN_STEPS, LCM_STEPS, CONTROLNET_STEPS = 800, 800, 4500, 400, 500
+VAE_SHAPE_WEIGHT = 1.0
+PRETRAIN_FINAL_LR_FRACTION = 0.1
 
 
 class Logger:
@@ -80,7 +85,8 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
 
     # 2. text pre-training of the T5 (caption -> canonical description); only its encoder is kept, frozen
     text_model = build_text_model(len(tokenizer), seed)
-    tres = pretrain_text(text_model, tokenizer, TextPretrainConfig(steps=_steps(800, scale), seed=seed), log=log)
+    tres = pretrain_text(text_model, tokenizer, TextPretrainConfig(steps=_steps(TEXT_STEPS, scale), seed=seed),
+                         log=log)
     t5 = encoder_of(text_model)
     probe = binding_probe(t5, tokenizer, seed=seed + 30)
     probe_original = binding_probe(t5, tokenizer, seed=seed + 31, varied=False)
@@ -95,9 +101,11 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
         f"place {probe_original['place']:.4f}")
 
     # 3. VAE
-    vres = train_vae(VAETrainConfig(steps=_steps(800, scale), seed=seed), log=log)
+    vres = train_vae(VAETrainConfig(steps=_steps(VAE_STEPS, scale), shape_weight=VAE_SHAPE_WEIGHT, seed=seed),
+                     log=log)
     vae = vres.vae
     log(f"VAE trained in {vres.seconds:.0f}s")
+    facts["stage_seconds"] = {"text_pretraining": tres.seconds, "vae": vres.seconds}
 
     # latents of the training scenes (posterior mean/std; sampled every step)
     scenes = data.make_scenes(seed + 10, pool_size, varied=True)
@@ -115,20 +123,25 @@ def train_all(out: Path, scale: float, seed: int, log: Logger, pool_size: int) -
     log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, T5 "
         f"{sum(p.numel() for p in t5.parameters()) / 1e6:.2f} M, VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
     pres = pretrain(model, t5, tokenizer, pool,
-                    PretrainConfig(steps=_steps(2500, scale), seed=seed, prediction=PREDICTION,
-                                   train_text_encoder=False), log=log)
+                    PretrainConfig(steps=_steps(PRETRAIN_STEPS, scale), seed=seed, prediction=PREDICTION,
+                                   final_lr_fraction=PRETRAIN_FINAL_LR_FRACTION, train_text_encoder=False), log=log)
     teacher = pres.model
     log(f"pre-training done in {pres.seconds:.0f}s")
+    facts["stage_seconds"]["pretraining"] = pres.seconds
     save_original_transformer(teacher, out / BASE_FILE)
 
     # 5. LCM distillation
-    lres = lcm_distill(teacher, t5, tokenizer, pool, LCMConfig(steps=_steps(400, scale), seed=seed), log=log)
+    lres = lcm_distill(teacher, t5, tokenizer, pool, LCMConfig(steps=_steps(LCM_STEPS, scale), seed=seed),
+                       log=log)
     log(f"LCM distillation done in {lres.seconds:.0f}s")
+    facts["stage_seconds"]["lcm_distillation"] = lres.seconds
     save_pipeline(out / LCM_DIR, lres.student, t5, tok_dir, vae, scheduler="lcm")
 
     # 6. ControlNet on edge maps of scenes placed anywhere (plus ordinary scenes), captions in varied phrasings
-    cres = train_controlnet_stage(teacher, t5, tokenizer, vae, seed, pool_size, _steps(500, scale), log)
+    cres = train_controlnet_stage(teacher, t5, tokenizer, vae, seed, pool_size, _steps(CONTROLNET_STEPS, scale),
+                                  log)
     save_controlnet(cres.controlnet, out / CONTROLNET_FILE)
+    facts["stage_seconds"]["controlnet"] = cres.seconds
     return facts
 
 
@@ -187,11 +200,16 @@ def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int
     scores["checker_on_vae_reconstructions"] = caption_checker.score(rec, caps)
     log(f"checker on ground truth: {scores['checker_on_ground_truth']}")
     log(f"checker on VAE reconstructions: {scores['checker_on_vae_reconstructions']}")
+    with torch.no_grad():
+        scores["shape_signal_in_latent"] = shape_report.shape_signal(vae)
+    log(f"shape signal in the latent (distance between shapes / object's own): {scores['shape_signal_in_latent']}")
 
     t = time.time()
     scores["lcm_4_steps_no_cfg"], lcm_images = score_model(lcm, t5, vae, scenes, sampler="lcm", steps=4, guidance=0.0,
                                                            seed=seed)
     log(f"LCM 4 steps, no CFG ({time.time() - t:.1f}s): {scores['lcm_4_steps_no_cfg']}")
+    scores["lcm_4_steps_shape_confusion"] = shape_confusion(lcm_images, scenes)
+    log(f"LCM 4 steps, asked shape -> seen shape: {scores['lcm_4_steps_shape_confusion']}")
     varied = caption_checker.evaluation_scenes(seed, prompts, varied=True)  # the same scenes, varied phrasings
     scores["lcm_4_steps_no_cfg_varied_phrasings"], _ = score_model(lcm, t5, vae, varied, sampler="lcm", steps=4,
                                                                    guidance=0.0, seed=seed)
@@ -204,6 +222,8 @@ def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int
     scores["teacher_dpmpp_20_steps_cfg4.5"], teacher_images = score_model(
         base, t5, vae, scenes, sampler="dpmpp_2m", steps=20, guidance=4.5, seed=seed)
     log(f"teacher DPM-Solver++ 20 steps, CFG 4.5 ({time.time() - t:.1f}s): {scores['teacher_dpmpp_20_steps_cfg4.5']}")
+    scores["teacher_shape_confusion"] = shape_confusion(teacher_images, scenes)
+    log(f"teacher, asked shape -> seen shape: {scores['teacher_shape_confusion']}")
     scores["teacher_dpmpp_20_steps_cfg4.5_empty_uncond"], _ = score_model(
         base, t5, vae, scenes, sampler="dpmpp_2m", steps=20, guidance=4.5, seed=seed, unconditional="empty")
     log(f"teacher, empty-prompt uncond: {scores['teacher_dpmpp_20_steps_cfg4.5_empty_uncond']}")
@@ -234,6 +254,12 @@ def evaluate(out: Path, log: Logger, prompts: int, control_cases: int, seed: int
     return scores
 
 
+def shape_confusion(images: np.ndarray, scenes: list) -> dict:
+    """Per asked shape, how often the checker sees each shape (all objects of the prompts)."""
+    conf = shape_report.confusion(images, scenes)["all"]
+    return {asked: dict(seen) for asked, seen in conf.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(NANO_DIR), help="default: models/nano of this project, where the loaders look")
@@ -254,7 +280,8 @@ def main(argv=None) -> int:
     start = time.time()
     if args.eval_only:  # keep what the build recorded: its training time and what it measured while training
         recorded = json.loads((out / "scores.json").read_text()) if (out / "scores.json").is_file() else {}
-        facts = {k: recorded[k] for k in ("text_pretraining", "text_encoder_probe", "train_note") if k in recorded}
+        facts = {k: recorded[k] for k in ("text_pretraining", "text_encoder_probe", "train_note", "stage_seconds")
+                 if k in recorded}
         train_seconds = recorded.get("train_seconds")
     else:
         facts = train_all(out, args.scale, args.seed, log, args.pool)

@@ -75,6 +75,11 @@ class EMA:
                 e.lerp_(p.detach(), 1 - d)
 
 
+def cosine_lr(base_lr: float, step: int, steps: int, final_fraction: float) -> float:
+    """Cosine decay from base_lr at step 0 to final_fraction * base_lr at the last step (1.0: constant)."""
+    return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def warmup_lr(optimizer: torch.optim.Optimizer, step: int, base_lr: float, warmup: int) -> None:
     lr = base_lr * min(1.0, (step + 1) / max(1, warmup))
     for g in optimizer.param_groups:

@@ -36,7 +36,7 @@ from torch import nn
 
 from pixart_core.config import EPSILON, V_PREDICTION
 from pixart_core.transformer import PixArtTransformer
-from .common import EMA, LatentPool, TrainSchedule, drop_captions, encode_text, warmup_lr
+from .common import EMA, LatentPool, TrainSchedule, cosine_lr, drop_captions, encode_text, warmup_lr
 from .losses import diffusion_loss, pixel_x0_loss
 
 
@@ -46,6 +46,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
+    final_lr_fraction: float = 1.0  # cosine decay of the learning rate to this fraction (1.0: constant, builds 1-6)
     weight_decay: float = 0.0
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
@@ -92,7 +93,7 @@ def pretrain(model: PixArtTransformer, t5: nn.Module, tokenizer, pool: LatentPoo
     result = PretrainResult(ema.model, ema_t5.model if ema_t5 else t5)
     start = time.time()
     for step in range(cfg.steps):
-        warmup_lr(opt, step, cfg.lr, cfg.warmup)
+        warmup_lr(opt, step, cosine_lr(cfg.lr, step, cfg.steps, cfg.final_lr_fraction), cfg.warmup)
         idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
         x0, captions = pool.sample(idx, gen)
         with torch.set_grad_enabled(cfg.train_text_encoder):
