@@ -83,10 +83,11 @@ def shape_separation_loss(latent_mean: torch.Tensor, margin: float,
                           channel_std: torch.Tensor | None = None) -> torch.Tensor:
     """Hinge on how far apart the latents of one object drawn as two different shapes are, relative to how far the
     object is from the empty background (detached, so the term cannot be met by shrinking the object).
-    latent_mean: posterior means of _shape_triplets; channel_std: the latent's std per channel (detached), to measure
-    distances in the standardised latent the transformer will see (rescale_latents), not in the raw one. Without it a square and a circle of the same colour, place and
-    size differ by 1.3-2.7 % of the object's latent energy against 12-14 % in pixels (shape_report
-    shape_signal_in_latent), so the diffusion loss in latent space hardly tells them apart."""
+    latent_mean: posterior means of _shape_triplets; channel_std: the latent's std per channel (detached), so that
+    distances are those of the standardised latent the transformer sees (rescale_latents), not of the raw one.
+    Why: without it a square and a circle of the same colour, place and size differ by 1.3-2.7 % of the object's
+    latent energy against 12-14 % in pixels (shape_report.shape_signal). With it they differ by 44-73 %; that moved
+    the LCM's squares a little and the teacher's not at all (docs/nano.md, build 7)."""
     if channel_std is not None:
         latent_mean = latent_mean / channel_std.view(1, -1, 1, 1)
     objects, empty = latent_mean[:-1], latent_mean[-1:]
