@@ -44,11 +44,13 @@ class StateDictSource:
         # What the network predicts, where the files record it (a single file's safetensors metadata, or the
         # pipeline's scheduler_config.json beside a diffusers transformer folder); None when they do not say.
         self.prediction_type: str | None = None
+        self.metadata: dict = {}  # the safetensors headers' string metadata (the first file's wins on a clash)
         if tensors is not None:
             self._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
             self._dtypes = {k: v.dtype for k, v in tensors.items()}
         for f in self._files:
             entries, metadata = _safetensors_header(f)
+            self.metadata = {**metadata, **self.metadata}
             self.prediction_type = self.prediction_type or metadata.get("prediction_type")
             for key, shape, dtype, offsets in entries:
                 self._index[key] = f

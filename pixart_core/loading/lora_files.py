@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..errors import PixArtError
-from .checkpoint_formats import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, diffusers_name_to_original, safe_torch_load
+from .checkpoint_formats import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, StateDictSource, diffusers_name_to_original,
+                                 safe_torch_load)
 
 log = logging.getLogger("pixart_delta")
 
@@ -92,14 +93,10 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PixArtError(f"{path.name} is not a readable safetensors file ({e}). It is damaged or truncated; "
-                          "download it again.") from e
+    """The tensors and the header metadata, through the checkpoint reader (header and size checked first, so a
+    damaged or truncated file is refused with the same message as a damaged model file)."""
+    source = StateDictSource(path, files=[path])
+    return dict(source.iter_tensors()), source.metadata
 
 
 def _alpha_config(path: Path, metadata: dict) -> dict:
