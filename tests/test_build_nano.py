@@ -1,6 +1,6 @@
 """`python -m train.build_nano` end to end at a tiny scale: every stage runs, the files it writes load through the
-public loaders and get scored, and the same seed writes the same bytes again (the shipped build is reproducible
-from its seed, issue #18)."""
+public loaders and get scored, and the same seed writes the same bytes again (a build is reproducible from its seed,
+issue #18)."""
 
 from __future__ import annotations
 
