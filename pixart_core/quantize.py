@@ -79,9 +79,15 @@ def int_mm_available(device_type: str) -> bool:
         return False
 
 
-def require_int_mm(device_type: str) -> None:
-    """The refusal of int8-dynamic where torch has no int8 matmul for the device."""
-    if not int_mm_available(device_type):
+def check_mode(mode: str, device_type: str, what: str = "weight quantisation") -> None:
+    """Refuse a mode that is unknown, or that this torch cannot run on `device_type`: load_transformer asks before it
+    reads any weights (`what` names the option in its message), quantize_transformer before it converts any."""
+    if mode not in MODES:
+        raise PixArtError(f"Unknown {what} {mode!r}; choose one of: {', '.join(MODES)}.")
+    if mode == "fp8" and FP8_DTYPE is None:
+        raise PixArtError(f"fp8 weights need float8 support, which this torch ({torch.__version__}) lacks; choose "
+                          "int8 (same memory) or update torch to 2.1 or later.")
+    if mode == "int8-dynamic" and not int_mm_available(device_type):
         raise PixArtError(f"int8-dynamic needs torch's int8 matrix multiply (torch._int_mm), which this torch "
                           f"({torch.__version__}) does not offer on {device_type}; choose int8 or fp8 (same memory, "
                           "no speed-up) or update torch.")
@@ -181,16 +187,11 @@ def quantize_transformer(model: nn.Module, mode: str, *, int8_threshold: float =
     The model is changed in place and returned. Call it after loading (any dtype; fp8 computes in the model's dtype,
     int8 and int8-dynamic in the input's). Layer by layer, so the extra memory while converting is one layer.
     """
-    if mode not in MODES:
-        raise PixArtError(f"Unknown weight quantisation {mode!r}; choose one of: {', '.join(MODES)}.")
+    check_mode(mode, model.device.type)
     if mode == "none":
         return model
     if getattr(model, "quantization", "none") != "none":
         raise PixArtError(f"This transformer is already quantised ({model.quantization}); load it again to change.")
-    if mode == "fp8" and FP8_DTYPE is None:
-        raise PixArtError("This torch build has no float8 dtypes; use int8 weights or update torch (>= 2.1).")
-    if mode == "int8-dynamic":
-        require_int_mm(model.device.type)
     compute_dtype = model.dtype
     for parent, name in block_linears(model):  # one layer at a time: the old weight is freed by the setattr
         linear = getattr(parent, name)

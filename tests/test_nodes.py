@@ -532,11 +532,11 @@ def _loader_and_latent(precision: str):
 
 
 def test_loader_fp8_precision(env, monkeypatch):
-    from pixart_core.loading import checkpoint
+    from pixart_core import quantize
     from pixart_core.quantize import FP8_DTYPE, Fp8Linear
 
     loader = NODE_CLASS_MAPPINGS["PixArtDeltaTransformerLoader"]()
-    monkeypatch.setattr(checkpoint, "FP8_DTYPE", None)  # a torch build without float8
+    monkeypatch.setattr(quantize, "FP8_DTYPE", None)  # a torch build without float8
     with pytest.raises(PixArtError, match="fp8 weights need float8 support.*int8"):
         loader.load(FILES["alpha"], "fp8", "auto", "auto", "auto")
     monkeypatch.undo()

@@ -32,7 +32,7 @@ from .checkpoint_formats import (
 from ..config import ALPHA, EPSILON, PREDICTION_TYPES, SIGMA, PixArtConfig, default_pe_interpolation
 from ..errors import PixArtError
 from ..memory import return_freed_memory
-from ..quantize import FP8_DTYPE, MODES as WEIGHT_MODES, quantize_transformer, require_int_mm
+from ..quantize import check_mode as check_weight_mode, quantize_transformer
 from ..transformer import PixArtTransformer
 
 CONTROLNET_PREFIX = "controlnet."
@@ -289,7 +289,7 @@ def load_transformer(
 
     weights: "none" keeps the block weights in `dtype`; "int8" / "fp8" / "int8-dynamic" store them in 8 bits after the
     load (see quantize.py), layer by layer, so the extra memory is one Linear. int8 weights stay on `device`."""
-    _check_weight_mode(weights, torch.device(device).type)  # before the read, not after a wasted one
+    check_weight_mode(weights, torch.device(device).type, "weight storage")  # before the read, not after it
     source = path if isinstance(path, StateDictSource) else open_checkpoint(path)
     detection = detect(source.shapes(), source.config, overrides, source.prediction_type)
     model = build_empty(detection.config)
@@ -302,16 +302,6 @@ def load_transformer(
     model.source_path = str(source.path)
     return_freed_memory()  # the file's tensors converted while reading were freed; glibc would keep them mapped
     return quantize_transformer(model, weights)
-
-
-def _check_weight_mode(weights: str, device_type: str) -> None:
-    if weights not in WEIGHT_MODES:
-        raise PixArtError(f"Unknown weight storage {weights!r}; choose one of: {', '.join(WEIGHT_MODES)}.")
-    if weights == "int8-dynamic":
-        require_int_mm(device_type)
-    if weights == "fp8" and FP8_DTYPE is None:
-        raise PixArtError(f"fp8 weights need float8 support, which this torch ({torch.__version__}) lacks; choose "
-                          "int8 (same memory) or update torch to 2.1 or later.")
 
 
 def describe(path: str | os.PathLike, overrides: dict | None = None) -> dict:
