@@ -102,10 +102,10 @@ def shape_signal(vae, seed: int = 5, count: int = 60) -> dict:
             scenes = [data.Scene([SceneObject(shape, c, cx, cy, size)]) for c, cx, cy in objs]
             pixels[shape] = data.batch(scenes)[0]
             latents[shape] = encode(vae, pixels[shape])
-        empty = encode(vae, data.batch([data.Scene([])])[0])
-        pixel_energy = (pixels["circle"] - data.batch([data.Scene([])])[0]).pow(2).sum(dim=(1, 2, 3))
-        dist = vae.model.encode(data.batch([data.Scene([SceneObject("circle", c, cx, cy, size)])
-                                            for c, cx, cy in objs])[0]).latent_dist
+        background = data.batch([data.Scene([])])[0]
+        empty = encode(vae, background)
+        pixel_energy = (pixels["circle"] - background).pow(2).sum(dim=(1, 2, 3))
+        dist = vae.model.encode(pixels["circle"]).latent_dist
         obj_energy = (latents["circle"] - empty).pow(2).sum(dim=(1, 2, 3))
         out[size_word] = {
             "square_vs_circle": float(((latents["square"] - latents["circle"]).pow(2).sum(dim=(1, 2, 3))
