@@ -128,9 +128,9 @@ def _memory_map(f) -> Iterator[mmap.mmap | None]:
 
 def _cast_from_map(mapped: mmap.mmap | None, start: int, end: int, src: torch.dtype, dest: torch.Tensor) -> bool:
     """Cast the bytes [start, end) straight from the file mapping into dest: one op per tensor and no read copy
-    (full-size fp32 folder, one thread: 1.02 CPU s against 1.23 s for the chunked read + cast). The pages are then dropped from this process (they stay
-    in the OS page cache), so the resident peak stays the kept weights plus one tensor. False where the data is not
-    aligned for src (the caller reads it in chunks instead)."""
+    (full-size fp32 folder, one thread: 1.02 CPU s against 1.23 s for the chunked read + cast). The pages are then
+    dropped from this process (they stay in the OS page cache), so the resident peak stays the kept weights plus one
+    tensor. False where the data is not aligned for src (the caller reads it in chunks instead)."""
     if mapped is None or start % src.itemsize:
         return False
     if end == start:
